@@ -1,0 +1,5 @@
+import sys
+
+from sfr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Hyper-parameters of the flow head and the SFR objective: one dataclass, shared by the trainer,
+the CLI and the diagnostics."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from sfr_kernels.reference import TIME_SAMPLINGS
+
+
+@dataclass
+class SFRConfig:
+    """Head architecture and objective. ``SFRConfig.mtp()`` is the Multi-Token-Prediction preset.
+
+    Attributes:
+        head_width: ``Hd``, the head's hidden width.
+        head_depth: number of SiLU layers (``depth - 1`` hidden ``Hd x Hd`` layers after the input).
+        time_features: ``F``, sinusoidal timestep features (even).
+        num_samples: ``M``, source/time draws per anchor.
+        source_std: ``sigma`` of the Gaussian source ``x0 ~ N(0, sigma^2 I)``; 0 = deterministic.
+        time_sampling: ``"uniform"`` on [0, 1], ``"logit_normal"`` or ``"zero"`` (s = 0).
+        time_mean, time_std: location and scale of the logit-normal time distribution.
+        reduction: ``"mean"`` over anchors, or ``"sum"`` (the trainer normalises by the anchor count
+            of the whole accumulated batch).
+    """
+
+    head_width: int = 1024
+    head_depth: int = 2
+    time_features: int = 64
+    num_samples: int = 1
+    source_std: float = 1.0
+    time_sampling: str = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        for name in ("head_width", "head_depth", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.time_features, int) or self.time_features < 2 or self.time_features % 2:
+            raise ValueError(f"time_features must be an even int >= 2, got {self.time_features!r}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        for name in ("source_std", "time_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def mtp(cls, **overrides) -> "SFRConfig":
+        """Multi-Token Prediction as the degenerate case: deterministic source, s = 0, one sample."""
+        return replace(cls(source_std=0.0, time_sampling="zero", num_samples=1), **overrides)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of :func:`sfr_kernels.sfr_loss` set by this config."""
+        return dict(num_samples=self.num_samples, source_std=self.source_std,
+                    time_sampling=self.time_sampling, time_mean=self.time_mean,
+                    time_std=self.time_std, reduction=self.reduction)
+
+    def head_kwargs(self) -> dict:
+        """Keyword arguments of :class:`sfr.FlowHead` set by this config."""
+        return dict(width=self.head_width, depth=self.head_depth, time_features=self.time_features)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,86 @@
+"""The flow-matching head: a small MLP velocity field ``v_phi(x_s, s, h)``.
+
+It reads the LM's final hidden state ``h`` at an anchor and predicts the velocity that carries a
+Gaussian source sample towards the sentence embedding of the future segment (DESIGN.md section 1)::
+
+    c   = W_c h + b_c                      # cond:   [N, Hd], once per anchor, shared by its M samples
+    e_s = timestep features of s           # [.., F], fixed sinusoids (no parameters), see below
+    z   = W_x x_s + W_t e_s + c            # in_x, in_t (no bias: b_c is the only input bias)
+    a   = silu(z); a = silu(W_l a + b_l)   # depth - 1 hidden layers
+    v   = W_o a + b_o                      # out: [.., E], zero-initialised
+
+Timestep features (``sfr_kernels.timestep_features``)::
+
+    f_k = 1000 * 10000**(-k / (F/2)),  k = 0 .. F/2 - 1
+    e_s = [cos(f_0 s) .. cos(f_{F/2-1} s), sin(f_0 s) .. sin(f_{F/2-1} s)]
+
+The zero-initialised output layer makes the untrained head predict ``v = 0``, so the first SFR loss
+equals ``E||u||^2 / E`` and early gradients into the backbone are small. The head is used only for
+training and diagnostics; it is thrown away at inference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sfr_kernels import timestep_features, timestep_frequencies
+
+
+class FlowHead(nn.Module):
+    """MLP velocity field; ``head(x_t, t, h)`` with ``x_t [..., E]``, ``t [...]``, ``h [..., D]``.
+
+    ``h`` may have one dimension fewer than ``x_t`` (``h [N, D]`` with ``x_t [N, M, E]``): its
+    conditioning is then computed once per anchor and shared by the M samples. Otherwise leading
+    dimensions broadcast as usual. ``t`` is a tensor broadcastable to ``x_t.shape[:-1]`` or a float.
+    """
+
+    kind = "mlp"  # the head variant the fused kernels implement
+
+    def __init__(self, hidden_size: int, embed_dim: int, width: int = 1024, depth: int = 2,
+                 time_features: int = 64):
+        super().__init__()
+        for name, value, minimum in (("hidden_size", hidden_size, 1), ("embed_dim", embed_dim, 1),
+                                     ("width", width, 1), ("depth", depth, 1), ("time_features", time_features, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        self.hidden_size, self.embed_dim, self.width, self.depth = hidden_size, embed_dim, width, depth
+        self.time_features = time_features
+        self.cond = nn.Linear(hidden_size, width)
+        self.in_x = nn.Linear(embed_dim, width, bias=False)
+        self.in_t = nn.Linear(time_features, width, bias=False)
+        self.hidden_layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.out = nn.Linear(width, embed_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        # Not a parameter and not saved: it is a pure function of time_features.
+        self.register_buffer("time_frequencies", timestep_frequencies(time_features), persistent=False)
+
+    def condition(self, h: torch.Tensor) -> torch.Tensor:
+        """``c = W_c h + b_c``: [..., Hd]."""
+        return self.cond(h)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``v`` from the point, the time and a precomputed (broadcastable) conditioning ``c``."""
+        e_t = timestep_features(t, self.time_frequencies).to(x_t.dtype)
+        a = F.silu(self.in_x(x_t) + self.in_t(e_t) + c)
+        for layer in self.hidden_layers:
+            a = F.silu(layer(a))
+        return self.out(a)
+
+    def forward(self, x_t: torch.Tensor, t, h: torch.Tensor) -> torch.Tensor:
+        if x_t.shape[-1] != self.embed_dim:
+            raise ValueError(f"x_t must have last dimension {self.embed_dim} (embed_dim), got shape {tuple(x_t.shape)}")
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(f"h must have last dimension {self.hidden_size} (hidden_size), got shape {tuple(h.shape)}")
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(float(t), device=x_t.device)
+        t = t.expand(x_t.shape[:-1])
+        c = self.condition(h)
+        if h.dim() == x_t.dim() - 1:  # h [N, D] with x_t [N, M, E]: share c across the M samples
+            c = c.unsqueeze(-2)
+        return self.velocity(x_t, t, c)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, embed_dim={self.embed_dim}, width={self.width}, "
+                f"depth={self.depth}, time_features={self.time_features}")

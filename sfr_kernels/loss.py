@@ -1,0 +1,67 @@
+"""``sfr_loss``: the public entry point, validating its arguments and dispatching on ``backend``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sfr_kernels.reference import sfr_loss_reference
+from sfr_kernels.validation import check_sfr_inputs
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run for tensors on ``device``.
+
+    On CUDA always; on the CPU only under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
+    """
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,
+             time_sampling="uniform", seed=0, noise=None, time=None, weight=None, grad_scale=1.0,
+             reduction="mean", backend="auto", time_mean=0.0, time_std=1.0):
+    """Semantic Flow Regularization loss (conditional flow matching of future embeddings).
+
+    ``l_a = 1/(M E) sum_m ||head(x_s, s, h_a) - (y_a - x0)||^2`` with ``x_s = (1-s) x0 + s y_a``,
+    ``x0 ~ N(0, source_std^2 I)`` and ``s ~ time_sampling``, reduced over anchors by ``reduction``
+    (``mean``: ``sum w l / sum w``, 0 for no anchors; ``sum``: ``sum w l``).
+
+    Args:
+        hidden: ``[N, D]`` anchor states, or ``[B, T, D]`` / ``[B*T, D]`` with ``anchor_index``.
+        target: ``[N, E]`` target embeddings ``y``.
+        head: the flow head (``sfr.FlowHead``): ``head(x_t [N,M,E], t [N,M], h [N,D]) -> [N,M,E]``.
+        anchor_index: int64 ``[N]`` flat positions ``b*T + t`` into ``hidden``.
+        num_samples: ``M`` source/time draws per anchor.
+        source_std: ``sigma`` of the Gaussian source (0: deterministic source).
+        time_sampling: ``"uniform"`` | ``"logit_normal"`` (``sigmoid(time_mean + time_std z)``) | ``"zero"``.
+        seed: int or 0-dim int64 tensor; draws follow the Philox layout of DESIGN.md section 2.
+        noise, time: explicit ``x0 [N, M, E]`` (used as is) and ``s [N, M]``, overriding the draws.
+        weight: non-negative per-anchor weights ``[N]``.
+        grad_scale: ``lambda``: the gradient into ``hidden`` is multiplied by it; 0 = none at all.
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        0-dim float32 loss (float64 for a float64 head).
+    """
+    check_sfr_inputs(hidden, target, head, anchor_index=anchor_index, num_samples=num_samples,
+                     source_std=source_std, time_sampling=time_sampling, seed=seed, noise=noise,
+                     time=time, weight=weight, grad_scale=grad_scale, reduction=reduction,
+                     backend=backend, time_mean=time_mean, time_std=time_std)
+    kwargs = dict(anchor_index=anchor_index, num_samples=num_samples, source_std=source_std,
+                  time_sampling=time_sampling, seed=seed, noise=noise, time=time, weight=weight,
+                  grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std)
+    if backend == "auto":
+        backend = "triton" if hidden.device.type == "cuda" else "torch"
+    if backend == "torch":
+        return sfr_loss_reference(hidden, target, head, **kwargs)
+    if not triton_runs_on(hidden.device):
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got {hidden.device}); on the CPU the kernels run "
+            "only under the Triton interpreter (set TRITON_INTERPRET=1 before importing sfr_kernels). "
+            "Use backend='torch' for the reference implementation."
+        )
+    from sfr_kernels.fused_loss import sfr_loss_triton  # imported lazily: needs triton
+
+    return sfr_loss_triton(hidden, target, head, **kwargs)

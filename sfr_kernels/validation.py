@@ -1,0 +1,158 @@
+"""Argument checks for :func:`sfr_kernels.sfr_loss`.
+
+Every check reads tensor metadata only (shape, dtype, device), never values on an accelerator,
+so validation costs no device sync on the hot path. Value checks (index bounds, non-negative
+weights) run only for CPU tensors, where they are free of syncs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sfr_kernels.reference import TIME_SAMPLINGS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("auto", "triton", "torch")
+MAX_SEED = 2**63 - 2  # the time stream uses seed + 1, which must still fit in int64
+
+
+@dataclass(frozen=True)
+class LossShape:
+    num_anchors: int  # N
+    num_samples: int  # M
+    hidden_size: int  # D
+    embed_dim: int  # E
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def _require_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of hidden), got {t.device}")
+
+
+def _require_number(name: str, value, *, minimum: float | None = None, integer: bool = False):
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_std, time_sampling,
+                     seed, noise, time, weight, grad_scale, reduction, backend, time_mean,
+                     time_std) -> LossShape:
+    """Raise ``TypeError``/``ValueError`` naming the offending argument; return the problem size."""
+    hidden = _require_tensor("hidden", hidden)
+    target = _require_tensor("target", target)
+    _require_float("hidden", hidden)
+    _require_float("target", target)
+    device = hidden.device
+
+    if not isinstance(head, torch.nn.Module) or not hasattr(head, "hidden_size") or not hasattr(head, "embed_dim"):
+        raise TypeError(
+            "head must be an nn.Module with hidden_size and embed_dim attributes (e.g. sfr.FlowHead), "
+            f"got {type(head).__name__}"
+        )
+    params = list(head.parameters())
+    if not params:
+        raise ValueError("head has no parameters")
+    if params[0].device != device:
+        raise ValueError(f"head parameters must be on {device} (the device of hidden), got {params[0].device}")
+    d, e = int(head.hidden_size), int(head.embed_dim)
+
+    if anchor_index is None:
+        if hidden.dim() != 2:
+            raise ValueError(
+                f"hidden must be [N, D] when anchor_index is None (pass anchor_index to gather from "
+                f"[B, T, D] or [B*T, D]), got {_describe(hidden)}"
+            )
+        n = hidden.shape[0]
+    else:
+        anchor_index = _require_tensor("anchor_index", anchor_index)
+        if hidden.dim() not in (2, 3):
+            raise ValueError(f"hidden must be [B, T, D] or [B*T, D] with anchor_index, got {_describe(hidden)}")
+        if anchor_index.dtype != torch.int64:
+            raise TypeError(f"anchor_index must be an int64 (Long) tensor, got {anchor_index.dtype}")
+        if anchor_index.dim() != 1:
+            raise ValueError(f"anchor_index must be 1-D [N], got {_describe(anchor_index)}")
+        _require_device("anchor_index", anchor_index, device)
+        n = anchor_index.shape[0]
+        rows = hidden.numel() // max(hidden.shape[-1], 1)
+        if anchor_index.device.type == "cpu" and n > 0:
+            lo, hi = int(anchor_index.min()), int(anchor_index.max())
+            if lo < 0 or hi >= rows:
+                raise ValueError(
+                    f"anchor_index values must lie in [0, {rows}) (flat positions b*T + t into hidden), "
+                    f"got values in [{lo}, {hi}]"
+                )
+    if hidden.shape[-1] != d:
+        raise ValueError(f"hidden must have last dimension {d} (head.hidden_size), got {_describe(hidden)}")
+
+    if target.dim() != 2 or target.shape[0] != n or target.shape[1] != e:
+        raise ValueError(f"target must be [N, E] = [{n}, {e}] (E = head.embed_dim), got {_describe(target)}")
+    _require_device("target", target, device)
+
+    _require_number("num_samples", num_samples, minimum=1, integer=True)
+    _require_number("source_std", source_std, minimum=0.0)
+    _require_number("grad_scale", grad_scale, minimum=0.0)
+    _require_number("time_mean", time_mean)
+    _require_number("time_std", time_std, minimum=0.0)
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64:
+            raise TypeError(f"seed tensor must be a 0-dim int64 tensor, got {_describe(seed)}")
+        if seed.device != device and seed.device.type != "cpu":
+            raise ValueError(f"seed tensor must be on {device} (or the CPU), got {seed.device}")
+    else:
+        _require_number("seed", seed, minimum=0, integer=True)
+        if seed > MAX_SEED:
+            raise ValueError(f"seed must be <= 2**63 - 2, got {seed}")
+
+    m = num_samples
+    if noise is not None:
+        noise = _require_tensor("noise", noise)
+        _require_float("noise", noise)
+        if tuple(noise.shape) != (n, m, e):
+            raise ValueError(f"noise must be [N, M, E] = [{n}, {m}, {e}], got {_describe(noise)}")
+        _require_device("noise", noise, device)
+    if time is not None:
+        time = _require_tensor("time", time)
+        _require_float("time", time)
+        if tuple(time.shape) != (n, m):
+            raise ValueError(f"time must be [N, M] = [{n}, {m}], got {_describe(time)}")
+        _require_device("time", time, device)
+    if weight is not None:
+        weight = _require_tensor("weight", weight)
+        _require_float("weight", weight)
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"weight must be [N] = [{n}], got {_describe(weight)}")
+        _require_device("weight", weight, device)
+        if weight.device.type == "cpu" and n > 0 and bool((weight < 0).any()):
+            raise ValueError("weight must be non-negative")
+    return LossShape(num_anchors=n, num_samples=m, hidden_size=d, embed_dim=e)
