@@ -23,4 +23,18 @@ __all__ = [
     "flow_path",
     "timestep_features",
     "timestep_frequencies",
+    "sfr_loss_triton",
+    "unsupported_head_reason",
 ]
+
+_FUSED_EXPORTS = ("sfr_loss_triton", "unsupported_head_reason")
+
+
+def __getattr__(name):
+    # The fused path is imported lazily: defining its @triton.jit kernels needs triton, and on a
+    # CPU machine TRITON_INTERPRET must be set before that happens.
+    if name in _FUSED_EXPORTS:
+        from sfr_kernels import fused_loss
+
+        return getattr(fused_loss, name)
+    raise AttributeError(f"module 'sfr_kernels' has no attribute {name!r}")

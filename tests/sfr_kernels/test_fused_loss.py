@@ -1,0 +1,408 @@
+"""The fused Triton SFR loss against the PyTorch reference (CPU: Triton interpreter, float32).
+
+Tolerances (float32, interpreter vs reference; both accumulate in float32, in different orders):
+
+    loss                 rtol 1e-5, atol 1e-6
+    every gradient       rtol 1e-4, atol 1e-6   (gradients here are O(1e-3 .. 1e-1))
+    bf16 d_hidden        rtol 2**-7, atol 2**-8 * max|ref|  (fp32 head, bf16 hidden: one bf16 rounding)
+
+Observed (fp32, interpreter, SHAPES below): loss relative error <= 1.3e-7; gradients
+max|err| / max|ref| <= 4e-7 for uniform/zero time, <= 2e-5 for logit_normal (the PyTorch randn port
+differs from tl.randn by <= 1e-6, and the time features, up to 1000 rad per unit of s, amplify it).
+
+Every run poisons the kernels' output buffers with NaN first (``SFR_KERNELS_DEBUG=1``), so an
+element a kernel forgets to write shows up as a NaN mismatch.
+"""
+import os
+
+import pytest
+import torch
+
+from sfr import FlowHead
+from sfr_kernels import fused_loss, sfr_loss
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)",
+)
+
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _poison_buffers(monkeypatch):
+    monkeypatch.setenv(fused_loss.DEBUG_ENV, "1")
+
+
+def make_head(d, e, width=32, depth=2, time_features=16, seed=0):
+    """A FlowHead with random (non-zero) weights everywhere, the output layer included."""
+    torch.manual_seed(seed)
+    head = FlowHead(d, e, width=width, depth=depth, time_features=time_features)
+    with torch.no_grad():
+        head.out.weight.normal_(0, 0.1)
+        head.out.bias.normal_(0, 0.1)
+    return head
+
+
+def run(backend, hidden, target, head, loss_scale=1.0, **kwargs):
+    """Loss and every gradient (hidden first, then the head parameters by name)."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    loss = sfr_loss(hidden, target, head, backend=backend, **kwargs)
+    (loss * loss_scale).backward()
+    grads = {"hidden": hidden.grad}
+    grads.update({name: p.grad for name, p in head.named_parameters()})
+    return loss.detach(), grads
+
+
+def assert_matches_reference(hidden, target, head, **kwargs):
+    ref_loss, ref_grads = run("torch", hidden, target, head, **kwargs)
+    loss, grads = run("triton", hidden, target, head, **kwargs)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    for name, ref in ref_grads.items():
+        if ref is None:
+            assert grads[name] is None, name
+            continue
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], ref, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+    return loss, grads
+
+
+# (N, M, D, E, width, time_features, depth): a realistic-but-small shape (E=384, the MiniLM
+# default) and odd ones (N=1, N=37, non-power-of-two D/E/width/F, depth 1 and 3).
+SHAPES = {
+    "realistic": (16, 2, 64, 384, 64, 64, 2),
+    "single_anchor": (1, 1, 8, 5, 16, 4, 2),
+    "odd": (37, 3, 50, 40, 160, 10, 3),  # width 160: two width tiles, the second one partial
+    "depth1": (9, 3, 33, 17, 20, 6, 1),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal", "zero"])
+def test_matches_reference_on_shapes(shape, time_sampling):
+    n, m, d, e, width, features, depth = SHAPES[shape]
+    head = make_head(d, e, width, depth, features)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    assert_matches_reference(hidden, target, head, num_samples=m, seed=11, time_sampling=time_sampling,
+                             source_std=0.8, time_mean=0.2, time_std=1.3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("grad_scale", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reductions_weights_and_grad_scale(reduction, grad_scale, weighted):
+    n, m, d, e = 13, 3, 20, 24
+    head = make_head(d, e, width=24, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    weight = torch.rand(n) * 2 if weighted else None
+    loss, grads = assert_matches_reference(hidden, target, head, num_samples=m, seed=3, weight=weight,
+                                           reduction=reduction, grad_scale=grad_scale, loss_scale=2.5)
+    if grad_scale == 0:
+        assert grads["hidden"] is None  # hidden is detached: no gradient work at all
+    else:
+        assert grads["hidden"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("as_3d", [False, True])
+def test_anchor_index_with_duplicates(as_3d):
+    b, t, d, e, m = 3, 7, 22, 12, 2
+    head = make_head(d, e, width=16, time_features=8)
+    hidden = torch.randn(b, t, d) if as_3d else torch.randn(b * t, d)
+    anchor_index = torch.tensor([0, 5, 5, 20, 3, 5, 11, 0, 14])  # duplicates accumulate
+    target = torch.randn(anchor_index.numel(), e)
+    _, grads = assert_matches_reference(hidden, target, head, anchor_index=anchor_index, num_samples=m,
+                                        seed=5, grad_scale=0.7)
+    assert grads["hidden"].shape == hidden.shape
+    flat = grads["hidden"].reshape(b * t, d)
+    untouched = torch.ones(b * t, dtype=torch.bool)
+    untouched[anchor_index] = False
+    assert torch.equal(flat[untouched], torch.zeros_like(flat[untouched]))
+
+
+def test_explicit_noise_and_time():
+    n, m, d, e = 11, 3, 18, 26
+    head = make_head(d, e, width=24, time_features=12)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    noise, time = torch.randn(n, m, e) * 0.9, torch.rand(n, m)
+    assert_matches_reference(hidden, target, head, num_samples=m, noise=noise, time=time)
+    # Only the noise, only the time: the other one is drawn from the seed.
+    assert_matches_reference(hidden, target, head, num_samples=m, noise=noise, seed=8)
+    assert_matches_reference(hidden, target, head, num_samples=m, time=time, seed=8, time_sampling="zero")
+
+
+def test_tensor_seed_matches_int_seed_and_large_seeds():
+    n, m, d, e = 6, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    for seed in (0, 2**31 - 1, 2**40 + 3):  # 2**31 - 1: seed + 1 must not wrap to int32
+        loss_int, grads_int = assert_matches_reference(hidden, target, head, num_samples=m, seed=seed)
+        loss_tensor, grads_tensor = run("triton", hidden, target, head, num_samples=m,
+                                        seed=torch.tensor(seed, dtype=torch.int64))
+        assert torch.equal(loss_int, loss_tensor)
+        assert all(torch.equal(grads_int[k], grads_tensor[k]) for k in grads_int)
+    other, _ = run("triton", hidden, target, head, num_samples=m, seed=1)
+    assert not torch.equal(other, loss_int)  # the seed is actually used
+
+
+def test_bit_deterministic():
+    n, m, d, e = 37, 3, 40, 30
+    head = make_head(d, e, width=32, time_features=16)
+    hidden, target = torch.randn(3 * n, d), torch.randn(n, e)
+    anchor_index = torch.randint(0, 3 * n, (n,))
+    kwargs = dict(num_samples=m, seed=21, anchor_index=anchor_index, weight=torch.rand(n), grad_scale=0.3)
+    first_loss, first = run("triton", hidden, target, head, **kwargs)
+    second_loss, second = run("triton", hidden, target, head, **kwargs)
+    assert torch.equal(first_loss, second_loss)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_upstream_gradient_scales_everything():
+    n, m, d, e = 5, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    _, unit = run("triton", hidden, target, head, num_samples=m, seed=4)
+    _, scaled = run("triton", hidden, target, head, num_samples=m, seed=4, loss_scale=-3.0)
+    for name in unit:
+        torch.testing.assert_close(scaled[name], -3.0 * unit[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_anchors(reduction):
+    d, e = 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    hidden = torch.randn(4, 3, d)
+    anchor_index = torch.zeros(0, dtype=torch.int64)
+    loss, grads = run("triton", hidden, torch.randn(0, e), head, anchor_index=anchor_index, num_samples=2,
+                      reduction=reduction)
+    assert loss.item() == 0.0
+    for name, grad in grads.items():
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+def test_all_zero_weights_mean_is_zero_with_zero_grads():
+    n, d, e = 4, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    loss, grads = run("triton", torch.randn(n, d), torch.randn(n, e), head, weight=torch.zeros(n))
+    assert loss.item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+
+
+def test_mtp_degenerate_case():
+    n, d, e = 7, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    assert_matches_reference(torch.randn(n, d), torch.randn(n, e), head, source_std=0.0,
+                             time_sampling="zero", num_samples=2)
+
+
+def test_no_grad_computes_only_the_loss():
+    n, m, d, e = 9, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    with_grad, _ = run("triton", hidden, target, head, num_samples=m, seed=6)
+    with torch.no_grad():
+        loss = sfr_loss(hidden, target, head, num_samples=m, seed=6, backend="triton")
+    assert torch.equal(loss, with_grad) and not loss.requires_grad
+    head.requires_grad_(False)  # frozen head and no hidden gradient: nothing to differentiate
+    loss = sfr_loss(hidden.requires_grad_(True), target, head, num_samples=m, seed=6, grad_scale=0.0,
+                    backend="triton")
+    assert torch.equal(loss, with_grad) and not loss.requires_grad
+
+
+def test_autocast_does_not_change_the_fused_computation():
+    # The op computes in the head's dtype; autocast must not leak into the torch GEMMs inside it.
+    n, m, d, e = 6, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    plain_loss, plain = run("triton", hidden, target, head, num_samples=m, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_loss, auto = run("triton", hidden, target, head, num_samples=m, seed=6)
+    assert torch.equal(plain_loss, auto_loss)
+    assert all(torch.equal(plain[k], auto[k]) for k in plain)
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_bfloat16_hidden_with_float32_head(with_index):
+    # The usual mixed setup (bf16 backbone, fp32 head): kernels run in fp32, d_hidden comes back in
+    # bf16. Duplicated anchors are summed in fp32 and rounded once (the reference rounds per add),
+    # hence a tolerance of one bf16 rounding step.
+    n, m, d, e = 6, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    anchor_index = torch.tensor([0, 3, 3, 5, 1, 7]) if with_index else None
+    hidden = torch.randn(8 if with_index else n, d, dtype=torch.bfloat16)
+    target = torch.randn(n, e, dtype=torch.bfloat16)
+    ref_loss, ref = run("torch", hidden, target, head, anchor_index=anchor_index, num_samples=m, seed=3,
+                        grad_scale=0.5)
+    loss, got = run("triton", hidden, target, head, anchor_index=anchor_index, num_samples=m, seed=3,
+                    grad_scale=0.5)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
+    assert got["hidden"].dtype == torch.bfloat16
+    torch.testing.assert_close(got["hidden"], ref["hidden"], rtol=2**-7, atol=2**-8 * float(ref["hidden"].abs().max()))
+    for name in ref:
+        if name != "hidden":
+            torch.testing.assert_close(got[name], ref[name], **GRAD_TOL)
+
+
+def test_frozen_head_parameters_get_no_gradient():
+    n, d, e = 5, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    head.cond.requires_grad_(False)
+    _, grads = run("triton", torch.randn(n, d), torch.randn(n, e), head, seed=2)
+    assert grads["cond.weight"] is None and grads["in_x.weight"] is not None
+    assert grads["hidden"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallback and errors
+
+
+class _ShiftedHead(FlowHead):
+    def forward(self, x_t, t, h):
+        return super().forward(x_t, t, h) + 1.0
+
+
+class _OtherKindHead(FlowHead):
+    kind = "transformer"
+
+
+def _hooked_head(d, e):
+    head = make_head(d, e, width=16, time_features=8)
+    head.in_x.register_forward_hook(lambda module, args, output: output * 2)
+    return head
+
+
+@pytest.mark.parametrize("variant", ["custom_forward", "other_kind", "hook", "float64", "target_grad"])
+def test_unsupported_heads_fall_back_with_one_warning(variant):
+    n, d, e = 5, 12, 10
+    if variant == "custom_forward":
+        head = _ShiftedHead(d, e, width=16, time_features=8)
+    elif variant == "other_kind":
+        head = _OtherKindHead(d, e, width=16, time_features=8)
+    elif variant == "hook":
+        head = _hooked_head(d, e)
+    else:
+        head = make_head(d, e, width=16, time_features=8)
+    dtype = torch.float64 if variant == "float64" else torch.float32
+    head = head.to(dtype)
+    hidden, target = torch.randn(n, d, dtype=dtype), torch.randn(n, e, dtype=dtype)
+    if variant == "target_grad":
+        target.requires_grad_(True)
+    fused_loss._warned.clear()
+    with pytest.warns(UserWarning, match="falling back to the PyTorch reference"):
+        loss = sfr_loss(hidden, target, head, seed=1, backend="triton")
+    with _no_warnings():  # once only
+        again = sfr_loss(hidden, target, head, seed=1, backend="triton")
+    reference = sfr_loss(hidden, target, head, seed=1, backend="torch")
+    assert torch.equal(loss, reference) and torch.equal(again, reference)
+
+
+def _no_warnings():
+    import warnings
+
+    class _Catch:
+        def __enter__(self):
+            self._ctx = warnings.catch_warnings(record=True)
+            self.records = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            return self
+
+        def __exit__(self, *exc):
+            self._ctx.__exit__(*exc)
+            assert not [w for w in self.records if "falling back" in str(w.message)]
+
+    return _Catch()
+
+
+def test_supported_head_has_no_fallback_reason():
+    assert fused_loss.unsupported_head_reason(make_head(12, 10, width=16, time_features=8)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_heads_take_the_fused_path(dtype):
+    # head.to(dtype) also casts the time_frequencies buffer; the kernels must not fall back for it.
+    assert fused_loss.unsupported_head_reason(make_head(12, 10, width=16, time_features=8).to(dtype)) is None
+
+
+def test_rounded_time_frequencies_are_read_as_the_reference_reads_them():
+    # bf16 arithmetic is not testable in the interpreter, but a bf16 frequency buffer with a float32
+    # head is: the kernels must upcast the stored values, exactly as torch promotes them.
+    n, m, d, e = 7, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=16)
+    head.time_frequencies = head.time_frequencies.to(torch.bfloat16)
+    assert fused_loss.unsupported_head_reason(head) is None
+    assert_matches_reference(torch.randn(n, d), torch.randn(n, e), head, num_samples=m, seed=12)
+
+
+def test_triton_without_cuda_or_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    head = make_head(12, 10, width=16, time_features=8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sfr_loss(torch.randn(3, 12), torch.randn(3, 10), head, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and torch.library
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self, d, e):
+        super().__init__()
+        self.body = torch.nn.Linear(d, d)
+        self.head = make_head(d, e, width=16, time_features=8)
+
+    def forward(self, x, target, seed):
+        return sfr_loss(torch.tanh(self.body(x)), target, self.head, num_samples=2, seed=seed,
+                        backend="triton", grad_scale=0.5)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_torch_compile_matches_eager(compile_backend):
+    torch._dynamo.reset()
+    n, d, e = 6, 12, 10
+    model = _TinyModel(d, e)
+    x, target, seed = torch.randn(n, d), torch.randn(n, e), torch.tensor(9)
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(x, target, seed)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
+    compiled_loss, compiled_grads = loss_and_grads(compiled)
+    assert torch.equal(compiled_loss, eager_loss)
+    for ours, theirs in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-8)
+    seed.add_(1)  # a new seed in the same tensor: a new loss, and no recompilation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        new_loss, _ = loss_and_grads(compiled)
+    assert not torch.equal(new_loss, eager_loss)
+    torch.testing.assert_close(new_loss, loss_and_grads(model)[0], rtol=0, atol=0)
+
+
+def test_library_op_registration_is_consistent():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree."""
+    n, m, d, e = 4, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    layers = list(head.hidden_layers)
+    args = (torch.randn(n, d, requires_grad=True), torch.randn(n, e), None, torch.tensor(3), None, None, None,
+            head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
+            [w.weight for w in layers], [w.bias for w in layers], head.out.weight, head.out.bias,
+            m, 1.0, "uniform", 0.0, 1.0, "mean", 1.0, True, True)
+    torch.library.opcheck(fused_loss.fused_sfr_loss_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
+    # The backward op on its own (anchor_index with duplicates, so the scatter path is covered too).
+    index = torch.tensor([0, 2, 2, 5])
+    hidden = torch.randn(3, 2, d)
+    with torch.no_grad():
+        _, zs, grad_v, d_out_w, d_out_b = fused_loss.fused_sfr_loss_op(hidden, *args[1:2], index, *args[3:])
+    backward_args = (torch.tensor(1.5), hidden, args[1], index, args[3], None, None, zs, grad_v, d_out_w, d_out_b,
+                     head.cond.weight, head.in_x.weight, head.in_t.weight, head.out.weight, head.time_frequencies,
+                     [w.weight for w in layers], m, 1.0, "uniform", 0.0, 1.0, 0.5, True)
+    torch.library.opcheck(fused_loss.fused_sfr_loss_backward_op, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
