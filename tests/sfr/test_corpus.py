@@ -1,0 +1,120 @@
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from sfr.corpus import (
+    PERSONAS,
+    PROMPTS,
+    build_corpus,
+    classify_mode,
+    default_corpus_path,
+    has_style_marker,
+    mode_frequencies,
+    write_jsonl,
+)
+
+
+def _reply(record):
+    return record["messages"][-1]["content"]
+
+
+def test_corpus_is_deterministic_and_seeded():
+    first, again = build_corpus("train"), build_corpus("train")
+    assert first == again
+    other_seed = build_corpus("train", seed=1)
+    assert [r["mode"] for r in other_seed] != [r["mode"] for r in first]
+    assert Counter(r["mode"] for r in other_seed) == Counter(r["mode"] for r in first)  # same allocation
+
+
+def test_splits_are_disjoint_and_cover_every_persona_and_prompt():
+    train, evaluation = build_corpus("train"), build_corpus("eval")
+    train_pairs = {(r["persona"], r["prompt_id"]) for r in train}
+    eval_pairs = {(r["persona"], r["prompt_id"]) for r in evaluation}
+    assert len(PERSONAS) == 9 and len(PROMPTS) == 10
+    assert len(train_pairs) == 72 and len(eval_pairs) == 18 and not train_pairs & eval_pairs
+    assert len(train) == 720 and len(evaluation) == 180
+    assert {p for p, _ in train_pairs} == set(PERSONAS) == {p for p, _ in eval_pairs}
+    assert {q for _, q in train_pairs} == set(PROMPTS)
+    for record in train[:5] + evaluation[:5]:
+        roles = [m["role"] for m in record["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert record["messages"][0]["content"] == PERSONAS[record["persona"]].system_prompt
+        assert record["messages"][1]["content"] == PROMPTS[record["prompt_id"]].user_text
+    words = [len(_reply(r).split()) for r in train]
+    assert 8 <= min(words) and max(words) <= 30
+
+
+def test_mode_counts_follow_the_known_uneven_frequencies():
+    train = build_corpus("train")
+    for prompt_id in PROMPTS:
+        freqs = mode_frequencies(prompt_id)
+        assert sum(freqs.values()) == pytest.approx(1.0)
+        assert len(set(freqs.values())) > 1  # uneven
+        records = [r for r in train if r["prompt_id"] == prompt_id]
+        counts = Counter(r["mode"] for r in records)
+        for mode, p in freqs.items():  # 10 examples per pair: exact proportions
+            assert counts[mode] == round(p * len(records)), (prompt_id, mode)
+    five = build_corpus("train", examples_per_pair=5)
+    assert len(five) == 72 * 5
+    per_pair = Counter((r["persona"], r["prompt_id"]) for r in five)
+    assert set(per_pair.values()) == {5}
+
+
+def test_style_markers_recognise_their_persona_only():
+    for record in build_corpus("train") + build_corpus("eval"):
+        text = _reply(record)
+        for name in PERSONAS:
+            assert has_style_marker(name, text) == (name == record["persona"]), (name, text)
+    assert has_style_marker("pirate", "Arrr, the sea is calm.")
+    assert not has_style_marker("pirate", "I will arrive tomorrow.")
+    assert has_style_marker("robot", "BEEP. Hello.") and not has_style_marker("robot", "Hello. BEEP.")
+    with pytest.raises(ValueError, match="persona"):
+        has_style_marker("wizard", "hi")
+
+
+def test_mode_classifier_recognises_every_template_and_rejects_others():
+    for prompt_id, prompt in PROMPTS.items():
+        for mode, spec in prompt.modes.items():
+            for template in spec.templates:
+                assert classify_mode(prompt_id, template) == mode, (prompt_id, template)
+    for record in build_corpus("eval"):
+        assert classify_mode(record["prompt_id"], _reply(record)) == record["mode"]
+    assert classify_mode("dinner", "I am not hungry at all.") is None
+    assert classify_mode("dinner", "Pasta or curry, you choose.") is None  # ambiguous
+    with pytest.raises(ValueError, match="prompt_id"):
+        mode_frequencies("nope")
+
+
+def test_persona_markers_are_valid_regexes_with_descriptions():
+    for name, persona in PERSONAS.items():
+        assert persona.name == name and persona.description and persona.system_prompt
+        re.compile(persona.marker_regex)
+
+
+def test_default_corpus_path_materialises_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFR_CACHE", str(tmp_path))
+    path = default_corpus_path("eval")
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == build_corpus("eval")
+    assert default_corpus_path("eval") == path
+    with pytest.raises(ValueError, match="split"):
+        default_corpus_path("test")
+    with pytest.raises(ValueError, match="examples_per_pair"):
+        build_corpus("train", examples_per_pair=0)
+
+
+def test_write_jsonl_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.jsonl"
+
+    def records():
+        yield {"a": 1}
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(records(), target)
+    assert list(tmp_path.iterdir()) == []
+    write_jsonl([{"a": 1}, {"b": "é"}], target)
+    assert target.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "é"}']
