@@ -1,0 +1,437 @@
+"""``SFRModel``: a causal LM with the flow head attached, computing CE + SFR inside ``forward``.
+
+Trainer, DDP, FSDP and DeepSpeed see one module whose ``forward`` returns the training loss::
+
+    H     = decoder(input_ids).last_hidden_state            [B, T, D]  after the final norm
+    L_CE  = sum_{b,t} CE(lm_head(H[b, t]), labels[b, t+1]) / n_tokens        (ignore_index -100)
+    L_SFR = sfr_loss(H, y, head, anchor_index, grad_scale=lambda, reduction="sum") / n_anchors
+    loss  = L_CE + L_SFR
+
+``n_tokens`` / ``n_anchors`` are the counts of the whole accumulated, all-device batch when the
+trainer passes them (``num_items_in_batch`` / ``num_anchors_in_batch``), so gradient accumulation
+gives the gradients of one large batch; otherwise the counts of this micro-batch (plain means).
+The backbone receives ``lambda * dL_SFR/dH`` and the head always its full gradient; the head runs at
+every step, even at ``lambda = 0``, so DDP never sees unused parameters.
+
+Only ``H`` of the last layer is taken (``last_hidden_state`` of the base model), never the stack of
+all layers' hidden states. CE goes through Liger's fused linear cross-entropy on CUDA when
+``liger-kernel`` is installed (logits are never materialised), otherwise ``lm_head`` + shifted CE.
+
+Saving: :meth:`SFRModel.split_state_dict` separates backbone, head and teacher keys; the trainer
+writes the backbone with ``save_pretrained`` (a plain transformers model) and the head with
+:func:`save_flow_head` into ``sfr_head/`` (read back by :func:`load_flow_head`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.utils import ModelOutput
+
+from sfr.config import SFRConfig
+from sfr.head import FlowHead
+from sfr_kernels import sfr_loss
+
+OBJECTIVES = ("sft", "sfr", "mtp")
+TARGET_SOURCES = ("precomputed", "ema")
+CE_BACKENDS = ("auto", "liger", "torch")
+HEAD_DIR = "sfr_head"
+HEAD_WEIGHTS = "model.safetensors"
+HEAD_CONFIG = "config.json"
+IGNORE_INDEX = -100
+
+
+def objective_config(objective: str, config: SFRConfig | None = None) -> SFRConfig | None:
+    """The :class:`SFRConfig` an objective trains with: ``None`` for sft, the MTP preset for mtp.
+
+    ``mtp`` keeps the head architecture of ``config`` and sets ``source_std=0``,
+    ``time_sampling="zero"``, ``num_samples=1``: the same code path as ``sfr``, so comparisons are
+    controlled.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    config = config or SFRConfig()
+    if objective == "sft":
+        return None
+    if objective == "mtp":
+        return replace(config, source_std=0.0, time_sampling="zero", num_samples=1)
+    return config
+
+
+def default_head_width(hidden_size: int, embed_dim: int | None = None) -> int:
+    """Head width used when none is given: ``min(1024, max(2 D, E))`` rounded up to a multiple of 64.
+
+    The paper-scale default (1024) for real LMs (D >= 512: Qwen2.5-0.5B and up). For small backbones
+    the width still covers E: the head must carry ``x_s`` (E dims) through to ``v``, whose optimal
+    value contains ``-x_s / (1 - s)``; a narrower head cannot represent it (measured on the embedded
+    D = 128, E = 384 default: width 256 leaves the SFR loss near 0.92 after 200 head steps, width 768
+    reaches 0.82). The embedded model gets 384.
+    """
+    width = max(2 * int(hidden_size), int(embed_dim or 0), 64)
+    return min(1024, -(-width // 64) * 64)
+
+
+def find_decoder(backbone: nn.Module) -> nn.Module:
+    """The base model whose ``last_hidden_state`` feeds the LM head (``backbone.model`` for Llama/Qwen).
+
+    Looks up ``backbone.<base_model_prefix>``, then ``backbone.get_decoder()``; raises ``ValueError``
+    when neither gives a module distinct from ``backbone``.
+    """
+    prefix = getattr(backbone, "base_model_prefix", "") or ""
+    candidate = getattr(backbone, prefix, None) if prefix else None
+    if not isinstance(candidate, nn.Module) or candidate is backbone:
+        candidate = None
+        get_decoder = getattr(backbone, "get_decoder", None)
+        if callable(get_decoder):
+            try:
+                candidate = get_decoder()
+            except Exception:  # noqa: BLE001 - some models raise for an unknown layout
+                candidate = None
+    if not isinstance(candidate, nn.Module) or candidate is backbone:
+        raise ValueError(
+            f"model: cannot reach the final hidden states of {type(backbone).__name__}: expected a base model at "
+            f"model.{prefix or '<base_model_prefix>'} or from model.get_decoder() (a causal LM such as "
+            "LlamaForCausalLM / Qwen2ForCausalLM)"
+        )
+    return candidate
+
+
+def find_lm_head(backbone: nn.Module) -> nn.Module:
+    """The output projection ``lm_head`` (``[V, D]`` weight); ``ValueError`` when the model has none."""
+    get = getattr(backbone, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2:
+        raise ValueError(f"model: {type(backbone).__name__} has no output embeddings (lm_head); a causal LM is needed")
+    return head
+
+
+def _liger_fused_linear_ce():
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def liger_available() -> bool:
+    return _liger_fused_linear_ce() is not None
+
+
+def _liger_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@dataclass
+class SFRModelOutput(ModelOutput):
+    """``loss = ce_loss + sfr_loss`` (``sfr_loss`` is None for sft); counts of this micro-batch."""
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    sfr_loss: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    num_anchors: int | None = None
+
+
+class SFRModel(nn.Module):
+    """A causal LM (``backbone``) plus the flow head (``head``), optionally an EMA teacher.
+
+    Args:
+        backbone: any ``AutoModelForCausalLM`` model.
+        head: the :class:`~sfr.FlowHead` (``hidden_size`` = the backbone's D); None for sft.
+        sfr_config: the objective's settings (:meth:`SFRConfig.loss_kwargs`); None for sft.
+        objective: ``"sft"`` | ``"sfr"`` | ``"mtp"`` (recorded; the config carries the MTP preset).
+        teacher: an :class:`~sfr.ema.EMATeacher` for ``target_source="ema"``; None for precomputed targets.
+        ce_backend: ``"auto"`` (Liger fused linear CE on CUDA when installed), ``"liger"`` or ``"torch"``.
+        loss_backend: the ``backend`` of :func:`sfr_kernels.sfr_loss` (``"auto"``: Triton on CUDA).
+    """
+
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch; the loss is already GA-scaled
+
+    def __init__(self, backbone: nn.Module, head: FlowHead | None = None, *, sfr_config: SFRConfig | None = None,
+                 objective: str = "sfr", teacher: nn.Module | None = None, ce_backend: str = "auto",
+                 loss_backend: str = "auto"):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if ce_backend not in CE_BACKENDS:
+            raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {ce_backend!r}")
+        if objective != "sft" and head is None:
+            raise ValueError(f"head: objective {objective!r} needs a FlowHead (only 'sft' trains without one)")
+        self.backbone = backbone
+        self.decoder_path = self._decoder_path(backbone)
+        find_lm_head(backbone)  # raises early for a model without an LM head (looked up again per call)
+        hidden_size = self.hidden_size
+        if head is not None and head.hidden_size != hidden_size:
+            raise ValueError(f"head.hidden_size must equal the model's hidden size {hidden_size}, got {head.hidden_size}")
+        self.head = head
+        self.sfr_config = sfr_config or (SFRConfig() if head is not None else None)
+        self.objective = objective
+        self.teacher = teacher
+        if teacher is not None and head is not None and teacher.projection.shape[-1] != head.embed_dim:
+            raise ValueError(f"teacher projection must map to E={head.embed_dim} (head.embed_dim), "
+                             f"got {tuple(teacher.projection.shape)}")
+        self.ce_backend = ce_backend
+        self.loss_backend = loss_backend
+        # FSDP auto-wrapping (accelerate) reads the layer classes to wrap from the root module.
+        self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
+        self._warned_liger = False
+
+    # ---- construction -------------------------------------------------------------------
+    @staticmethod
+    def _decoder_path(backbone: nn.Module) -> str:
+        decoder = find_decoder(backbone)
+        for name, module in backbone.named_modules():
+            if module is decoder:
+                return name
+        raise ValueError(f"model: the base model of {type(backbone).__name__} is not one of its submodules")
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, embed_dim: int | None, *, objective: str = "sfr",
+                      sfr_config: SFRConfig | None = None, target_source: str = "precomputed",
+                      ema_decay: float = 0.999, projection_seed: int = 0, **kwargs) -> SFRModel:
+        """Attach a fresh head (``E = embed_dim``) and, for ``target_source="ema"``, an EMA teacher."""
+        if target_source not in TARGET_SOURCES:
+            raise ValueError(f"target_source must be one of {TARGET_SOURCES}, got {target_source!r}")
+        config = objective_config(objective, sfr_config)
+        hidden_size = find_lm_head(backbone).weight.shape[1]
+        head = teacher = None
+        if config is not None:
+            if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+                raise ValueError(f"embed_dim must be an int >= 1 for objective {objective!r}, got {embed_dim!r}")
+            head = FlowHead(hidden_size=hidden_size, embed_dim=embed_dim, **config.head_kwargs())
+            if target_source == "ema":
+                from sfr.ema import EMATeacher
+
+                teacher = EMATeacher(find_decoder(backbone), hidden_size, embed_dim, decay=ema_decay,
+                                     projection_seed=projection_seed)
+        elif target_source == "ema":
+            raise ValueError("target_source='ema' needs a head: use objective 'sfr' or 'mtp'")
+        return cls(backbone, head, sfr_config=config, objective=objective, teacher=teacher, **kwargs)
+
+    # ---- views ----------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self.backbone.get_submodule(self.decoder_path)
+
+    @property
+    def config(self):
+        """The backbone's ``PretrainedConfig`` (Trainer and accelerate read it)."""
+        return self.backbone.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(find_lm_head(self.backbone).weight.shape[1])
+
+    @property
+    def target_source(self) -> str:
+        return "precomputed" if self.teacher is None else "ema"
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.backbone.gradient_checkpointing_disable()
+
+    def enable_input_require_grads(self):
+        self.backbone.enable_input_require_grads()
+
+    # ---- forward ----------------------------------------------------------------------------
+    def final_hidden_states(self, input_ids, attention_mask=None, **model_kwargs) -> torch.Tensor:
+        """``last_hidden_state`` of the base model: ``[B, T, D]``, after the final norm."""
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"model: the base model returned states of shape {tuple(hidden.shape)}, expected [B, T, {self.hidden_size}]"
+            )
+        return hidden
+
+    def _use_liger(self, hidden: torch.Tensor) -> bool:
+        if self.ce_backend == "torch":
+            return False
+        available = liger_available() and _liger_runs_on(hidden.device)
+        if self.ce_backend == "liger" and not available:
+            raise RuntimeError("ce_backend='liger' needs liger-kernel installed and CUDA tensors")
+        if available and getattr(self.config, "logit_scale", None) not in (None, 1, 1.0):
+            if not self._warned_liger:
+                warnings.warn("model config has logit_scale: using the standard CE path instead of Liger's", stacklevel=2)
+                self._warned_liger = True
+            return False
+        return available
+
+    def ce_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token CE over labelled positions and their count (``labels[:, 1:] != -100``).
+
+        ``sum_{b, t < T-1} CE(lm_head(H[b, t]), labels[b, t+1])``; float32 0-dim tensors.
+        """
+        lm_head = find_lm_head(self.backbone)
+        shift_hidden = hidden[:, :-1, :]
+        shift_labels = labels[:, 1:].to(hidden.device)
+        count = shift_labels.ne(IGNORE_INDEX).sum()
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if self._use_liger(hidden):
+            LigerCE = _liger_fused_linear_ce()
+            kwargs = {"softcap": softcap} if softcap else {}
+            loss_fn = LigerCE(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)
+            total = loss_fn(lm_head.weight, shift_hidden.reshape(-1, hidden.shape[-1]),
+                            shift_labels.reshape(-1), getattr(lm_head, "bias", None))
+            if isinstance(total, tuple):  # versions that also return the z-loss
+                total = total[0]
+            return total.float(), count
+        logits = lm_head(shift_hidden).float()
+        logit_scale = getattr(self.config, "logit_scale", None)
+        if logit_scale not in (None, 1, 1.0):
+            logits = logits * logit_scale
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, count
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, anchor_index=None, anchor_targets=None,
+                anchor_segment_end=None, anchor_weight=None, *, sfr_lambda: float = 1.0, sfr_seed=0,
+                num_items_in_batch=None, num_anchors_in_batch=None, sfr_noise=None, sfr_time=None,
+                **model_kwargs) -> SFRModelOutput:
+        """CE + SFR on one micro-batch.
+
+        Args:
+            input_ids, attention_mask: ``[B, T]``; other base-model kwargs (``position_ids``) pass through.
+            labels: ``[B, T]`` with -100 on non-target tokens (shifted inside, as HF causal LMs do).
+            anchor_index: int64 ``[N]`` flat anchor positions ``b*T + t``.
+            anchor_targets: ``[N, E]`` precomputed targets (ignored with an EMA teacher).
+            anchor_segment_end: int64 ``[N]`` flat exclusive segment ends (EMA targets only).
+            anchor_weight: optional ``[N]`` non-negative anchor weights.
+            sfr_lambda: ``lambda``, the scale of the SFR gradient into the backbone (0 in phase A).
+            sfr_seed: int or 0-dim int64 tensor, the Philox seed of this micro-batch's draws.
+            num_items_in_batch: token count that the summed CE is divided by (default: this micro-batch's).
+            num_anchors_in_batch: anchor count (or weight sum) the summed SFR loss is divided by.
+            sfr_noise, sfr_time: explicit ``x0 [N, M, E]`` / ``s [N, M]`` (tests, diagnostics).
+        """
+        if labels is None:
+            raise ValueError("labels are required: SFRModel computes the training loss")
+        for key in ("return_dict", "output_hidden_states", "output_attentions"):
+            model_kwargs.pop(key, None)
+        hidden = self.final_hidden_states(input_ids, attention_mask, **model_kwargs)
+
+        ce_total, num_tokens = self.ce_sum(hidden, labels)
+        ce_divisor = num_tokens if num_items_in_batch is None else num_items_in_batch
+        ce = ce_total / _at_least_one(ce_divisor, ce_total)
+        if self.objective == "sft" or self.head is None:
+            return SFRModelOutput(loss=ce, ce_loss=ce.detach(), num_tokens=num_tokens)
+
+        if anchor_index is None:
+            raise ValueError(f"anchor_index is required for objective {self.objective!r} (use SFRDataCollator)")
+        anchor_index = anchor_index.to(hidden.device)
+        if self.teacher is not None:
+            if anchor_segment_end is None:
+                raise ValueError("anchor_segment_end is required for target_source='ema'")
+            targets = self.teacher.targets(input_ids, anchor_index, anchor_segment_end.to(hidden.device),
+                                           attention_mask=attention_mask, **model_kwargs)
+        elif anchor_targets is None:
+            raise ValueError("anchor_targets are required with precomputed targets (prepare the data with `sfr prepare`)")
+        else:
+            targets = anchor_targets
+        head_dtype = next(self.head.parameters()).dtype
+        targets = targets.to(device=hidden.device, dtype=head_dtype)
+        weight = None if anchor_weight is None else anchor_weight.to(device=hidden.device, dtype=head_dtype)
+        loss_kwargs = self.sfr_config.loss_kwargs()
+        loss_kwargs["reduction"] = "sum"
+        sfr_total = sfr_loss(hidden, targets, self.head, anchor_index=anchor_index, seed=sfr_seed,
+                             noise=sfr_noise, time=sfr_time, weight=weight, grad_scale=float(sfr_lambda),
+                             backend=self.loss_backend, **loss_kwargs)
+        num_anchors = anchor_index.shape[0]
+        if num_anchors_in_batch is None:
+            num_anchors_in_batch = weight.sum() if weight is not None else num_anchors
+        sfr = sfr_total / _at_least_one(num_anchors_in_batch, sfr_total)
+        return SFRModelOutput(loss=ce + sfr, ce_loss=ce.detach(), sfr_loss=sfr.detach(), num_tokens=num_tokens,
+                              num_anchors=num_anchors)
+
+    # ---- state -----------------------------------------------------------------------------
+    @staticmethod
+    def split_state_dict(state_dict: dict) -> dict[str, dict]:
+        """``{"backbone": .., "head": .., "teacher": ..}`` state dicts with their prefixes removed."""
+        parts: dict[str, dict] = {"backbone": {}, "head": {}, "teacher": {}}
+        for key, value in state_dict.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in parts:
+                raise ValueError(f"unexpected key {key!r} in an SFRModel state dict")
+            parts[prefix][rest] = value
+        return parts
+
+    def head_metadata(self) -> dict:
+        """What :func:`save_flow_head` records next to the head's weights."""
+        return {"objective": self.objective, "target_source": self.target_source}
+
+
+def _at_least_one(count, like: torch.Tensor) -> torch.Tensor:
+    """A count as a float tensor on ``like``'s device, clamped to >= 1 (an empty batch sums to 0)."""
+    if not isinstance(count, torch.Tensor):
+        return torch.tensor(max(float(count), 1.0), dtype=torch.float32, device=like.device)
+    return count.to(device=like.device, dtype=torch.float32).clamp(min=1.0)
+
+
+# ---- the head on disk ----------------------------------------------------------------------------
+def head_kwargs(head: FlowHead) -> dict:
+    """The constructor arguments of ``head``."""
+    return {"hidden_size": head.hidden_size, "embed_dim": head.embed_dim, "width": head.width,
+            "depth": head.depth, "time_features": head.time_features}
+
+
+def save_flow_head(head: FlowHead, directory: str | os.PathLike, sfr_config: SFRConfig | dict | None = None,
+                   metadata: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write ``directory/model.safetensors`` and ``directory/config.json`` (FlowHead kwargs + SFRConfig).
+
+    Written into a temporary folder that is renamed into place, so a crash leaves no half-written head.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if isinstance(sfr_config, SFRConfig):
+        sfr_config = sfr_config.to_dict()
+    config = {"format": "sfr_flow_head", "version": 1, "kind": getattr(head, "kind", "mlp"),
+              "head": head_kwargs(head), "sfr_config": dict(sfr_config or {}), "metadata": dict(metadata or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or head.state_dict()).items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
+        (tmp / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_flow_head(directory: str | os.PathLike, device=None) -> tuple[FlowHead, dict]:
+    """Load a head saved by :func:`save_flow_head` (``OUTPUT/sfr_head/``).
+
+    Returns:
+        ``(head, config)``: the :class:`FlowHead` with its weights, and a flat dict of the
+        :class:`SFRConfig` fields (``source_std``, ``num_samples``, ...) plus the training metadata
+        (``objective``, ``target_source``).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / HEAD_CONFIG, directory / HEAD_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved flow head: expected {HEAD_CONFIG} and {HEAD_WEIGHTS}")
+    config = json.loads(config_path.read_text())
+    if "head" not in config:
+        raise ValueError(f"{config_path} has no 'head' entry (FlowHead arguments)")
+    head = FlowHead(**config["head"])
+    head.load_state_dict(load_file(str(weights_path)), strict=True)
+    if device is not None:
+        head = head.to(device)
+    return head, {**config.get("sfr_config", {}), **config.get("metadata", {})}

@@ -1,0 +1,258 @@
+"""SFRTrainer: GA-exact scaling, exact resume, plain-transformers saving, logs, the EMA teacher."""
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
+
+from sfr.config import SFRConfig
+from sfr.model import SFRModel, load_flow_head
+from sfr.trainer import SFRTrainer, SFRTrainingArguments
+
+D, E, V, T = 32, 8, 100, 12
+
+
+def tiny_backbone(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def tiny_dataset(n=8, seed=0):
+    """Prepared-data rows: equal lengths (padding-free), different prompt lengths and anchor counts."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, V, (T,), generator=g).tolist()
+        prompt = 2 + i % 4
+        labels = [-100] * prompt + ids[prompt:]
+        positions = list(range(prompt - 1, T - 2, 2 + i % 2))
+        targets = torch.nn.functional.normalize(torch.randn(len(positions), E, generator=g), dim=-1)
+        rows.append(dict(input_ids=ids, labels=labels, anchor_positions=positions, anchor_targets=targets.tolist(),
+                         anchor_segment_ends=[min(p + 4, T) for p in positions]))
+    return Dataset.from_list(rows)
+
+
+def collate(features):
+    """A minimal stand-in for SFRDataCollator on equal-length rows."""
+    batch = {k: torch.tensor([f[k] for f in features]) for k in ("input_ids", "labels")}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    index, ends, targets = [], [], []
+    for b, f in enumerate(features):
+        index += [b * T + p for p in f["anchor_positions"]]
+        ends += [b * T + e for e in f["anchor_segment_ends"]]
+        targets += f["anchor_targets"]
+    batch["anchor_index"] = torch.tensor(index, dtype=torch.long)
+    batch["anchor_segment_end"] = torch.tensor(ends, dtype=torch.long)
+    batch["anchor_targets"] = torch.tensor(targets, dtype=torch.float32)
+    return batch
+
+
+def make_args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                    seed=3, data_seed=3, phase_a_steps=1, ramp_steps=2, head_width=32, warmup_steps=0,
+                    dataloader_num_workers=0)
+    settings.update(overrides)
+    return SFRTrainingArguments(**settings)
+
+
+def make_trainer(args, seed=0, callbacks=None):
+    model = SFRModel.from_backbone(tiny_backbone(seed), E, objective=args.objective,
+                                   sfr_config=args.sfr_config(D), target_source=args.target_source,
+                                   ema_decay=args.ema_decay)
+    from sfr.trainer import EMAUpdateCallback
+
+    callbacks = list(callbacks or []) + ([EMAUpdateCallback()] if model.teacher is not None else [])
+    return SFRTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=collate, callbacks=callbacks)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    # mtp is deterministic (no draws), so the two runs see identical losses; plain SGD shows gradients directly.
+    common = dict(objective="mtp", max_steps=2, optim="sgd", learning_rate=0.5, phase_a_steps=0, ramp_steps=0,
+                  lr_scheduler_type="constant", max_grad_norm=0.0)
+    big = make_trainer(make_args(tmp_path / "big", per_device_train_batch_size=4, **common))
+    big.train()
+    small = make_trainer(make_args(tmp_path / "ga", per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                                   **common))
+    small.train()
+    before = weights(make_trainer(make_args(tmp_path / "init", **common)).model)
+    after_big, after_small = weights(big.model), weights(small.model)
+    assert any((after_big[k] - before[k]).abs().max() > 1e-4 for k in before)
+    for key in after_big:
+        torch.testing.assert_close(after_small[key], after_big[key], rtol=1e-5, atol=1e-6, msg=key)
+    big_log = [h for h in big.state.log_history if "loss" in h]
+    small_log = [h for h in small.state.log_history if "loss" in h]
+    for a, b in zip(big_log, small_log):
+        assert a["ce_loss"] == pytest.approx(b["ce_loss"], rel=1e-5)
+        assert a["sfr_loss"] == pytest.approx(b["sfr_loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("target_source", ["precomputed", "ema"])
+def test_resume_continues_exactly(tmp_path, target_source):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, target_source=target_source, ema_decay=0.5)
+    full = make_trainer(make_args(tmp_path / "full", **common))
+    full.train()
+
+    interrupted = make_trainer(make_args(tmp_path / "resumed", **common), callbacks=[StopAt(3)])
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert (checkpoint / "sfr_head" / "model.safetensors").is_file()
+    assert (checkpoint / "sfr_teacher").is_dir() == (target_source == "ema")
+    resumed = make_trainer(make_args(tmp_path / "resumed", **common), seed=99)  # other init: all state must load
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    final_full, final_resumed = weights(full.model), weights(resumed.model)
+    assert final_full.keys() == final_resumed.keys()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=0, atol=1e-6, msg=key)
+    lam_full = [h["sfr_lambda"] for h in full.state.log_history if "loss" in h]
+    lam_resumed = [h["sfr_lambda"] for h in resumed.state.log_history if "loss" in h]
+    assert lam_full == lam_resumed == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_logs_and_saved_model_are_plain_transformers(tmp_path):
+    args = make_args(tmp_path / "run")
+    trainer = make_trainer(args)
+    head_before = weights(trainer.model.head)
+    trainer.train()
+    trainer.save_training_state = False
+    trainer.save_model(str(tmp_path / "out"))
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4 and all({"ce_loss", "sfr_loss", "sfr_lambda"} <= h.keys() for h in logs)
+    for h in logs:
+        assert h["loss"] == pytest.approx(h["ce_loss"] + h["sfr_loss"], rel=1e-4)
+    assert any(not torch.equal(head_before[k], v) for k, v in weights(trainer.model.head).items())
+
+    out = tmp_path / "out"
+    reference_dir = tmp_path / "reference"
+    tiny_backbone().save_pretrained(reference_dir)
+    with safe_open(str(out / "model.safetensors"), "pt") as saved, \
+            safe_open(str(reference_dir / "model.safetensors"), "pt") as reference:
+        assert set(saved.keys()) == set(reference.keys())
+        assert not any(k.startswith(("head.", "teacher.", "backbone.")) for k in saved.keys())
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = trainer.model.backbone.eval()
+    prompt = torch.randint(0, V, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, trained(prompt).logits)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                           trained.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    head, config = load_flow_head(out / "sfr_head")
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, trainer.model.head.state_dict()[k])
+    assert config["objective"] == "sfr" and config["head_width"] == 32
+    assert json.loads((out / "sfr_head" / "config.json").read_text())["head"]["embed_dim"] == E
+    assert not (out / "sfr_teacher").exists()
+
+
+def test_ema_teacher_moves_after_each_step_and_gets_no_gradient(tmp_path):
+    trainer = make_trainer(make_args(tmp_path, target_source="ema", ema_decay=0.5, max_steps=2))
+    model = trainer.model
+    teacher_before = weights(model.teacher.decoder)
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.decoder.state_dict().items())
+    trainer.train()
+    teacher_after = weights(model.teacher.decoder)
+    student = model.decoder.state_dict()
+    name = "layers.0.mlp.up_proj.weight"
+    assert not torch.equal(teacher_after[name], teacher_before[name])  # it moved ...
+    assert not torch.equal(teacher_after[name], student[name])  # ... but lags the student
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_sft_trainer_has_no_head_and_no_sfr_logs(tmp_path):
+    trainer = make_trainer(make_args(tmp_path, objective="sft", max_steps=2))
+    trainer.train()
+    assert trainer.model.head is None
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("ce_loss" in h and "sfr_loss" not in h and "sfr_lambda" not in h for h in logs)
+
+
+def test_trainer_rejects_a_plain_model_and_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="SFRModel"):
+        SFRTrainer(model=tiny_backbone(), args=make_args(tmp_path), train_dataset=tiny_dataset(), data_collator=collate)
+    with pytest.raises(ValueError, match="objective"):
+        make_args(tmp_path, objective="rlhf")
+    with pytest.raises(ValueError, match="target_source"):
+        make_args(tmp_path, target_source="frozen")
+    with pytest.raises(ValueError, match="time_sampling"):
+        make_args(tmp_path, time_sampling="beta")
+    assert isinstance(make_args(tmp_path).sfr_config(D), SFRConfig)
+
+
+def _tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from sfr.tiny_lm import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def test_train_api_with_a_model_object_and_a_prepared_dataset(tmp_path):
+    from sfr.trainer import train
+
+    args = make_args(tmp_path / "api", max_steps=2, save_strategy="no")
+    result = train(args, model=tiny_backbone(), data=tiny_dataset(), tokenizer=_tiny_tokenizer())
+    assert result.output_dir == str(tmp_path / "api")
+    assert [h["step"] for h in result.log_history if "loss" in h] == [1, 2]
+    assert result.metrics["final_sfr_lambda"] == 0.5 and "final_ce_loss" in result.metrics
+    assert (tmp_path / "api" / "sfr_head" / "config.json").is_file()
+    state = json.loads((tmp_path / "api" / "trainer_state.json").read_text())
+    assert any("sfr_loss" in h for h in state["log_history"])
+
+
+def test_train_api_rejects_targets_of_another_dimension_before_training(tmp_path):
+    from sfr.trainer import train
+
+    model = SFRModel.from_backbone(tiny_backbone(), E + 4, sfr_config=SFRConfig(head_width=16))
+    with pytest.raises(ValueError, match=f"E={E}.*E={E + 4}"):
+        train(make_args(tmp_path / "bad"), model=model, data=tiny_dataset(), tokenizer=_tiny_tokenizer())
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resuming_a_head_of_another_dimension_fails_before_training(tmp_path):
+    from sfr.trainer import train
+
+    first = make_args(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    train(first, model=tiny_backbone(), data=tiny_dataset(), tokenizer=_tiny_tokenizer())
+    wider = Dataset.from_list([{**row, "anchor_targets": [t + [0.0] for t in row["anchor_targets"]]}
+                               for row in tiny_dataset()])
+    again = make_args(tmp_path / "run", max_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match=f"checkpoint-1 holds a head with E={E}"):
+        train(again, model=tiny_backbone(), data=wider, tokenizer=_tiny_tokenizer())
+
+
+def test_phase_a_training_updates_the_backbone_exactly_like_sft(tmp_path):
+    # Gradient clipping is active (max_grad_norm=0.5 < the gradient norms): the head must not change the
+    # backbone's clipping factor, so phase A follows the SFT trajectory bit for bit.
+    common = dict(max_steps=3, phase_a_steps=3, max_grad_norm=0.5, optim="adamw_torch")
+    sfr_run = make_trainer(make_args(tmp_path / "sfr", objective="sfr", **common))
+    sft_run = make_trainer(make_args(tmp_path / "sft", objective="sft", **common))
+    before = weights(sft_run.model.backbone)
+    sfr_run.train()
+    sft_run.train()
+    assert all(h["grad_norm"] > 0.5 for h in sft_run.state.log_history if "grad_norm" in h)
+    after_sfr, after_sft = weights(sfr_run.model.backbone), weights(sft_run.model.backbone)
+    assert any(not torch.equal(after_sft[k], before[k]) for k in before)
+    for key in after_sft:
+        assert torch.equal(after_sfr[key], after_sft[key]), key
