@@ -1,0 +1,122 @@
+"""``sfr eval dialogue`` and ``sfr eval code``: the command-line face of :mod:`sfr.eval`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _k_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be comma-separated integers like 1,5,10, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"--k values must be positive, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="{dialogue,code}")
+    dialogue = sub.add_parser(
+        "dialogue", help="sample replies from one or more models; report diversity, style fidelity and quality",
+        description="Sample --samples replies per prompt of a messages-format JSONL file (the final assistant turn "
+                    "of each conversation is its reference reply) from each --model, and report distinct-1/2, "
+                    "self-BLEU, embedding diversity, persona-classifier style accuracy, style-marker rate and mode "
+                    "coverage/entropy (embedded corpus), and the NLL of the replies under --reference-model. "
+                    "Writes results.json, samples.json, report.md and metrics.png to --out.")
+    dialogue.add_argument("--model", action="append", required=True, metavar="DIR",
+                          help="model directory, hub id or 'sfr-tiny'; repeat to compare models side by side")
+    dialogue.add_argument("--data", default=None, metavar="FILE",
+                          help="messages-format JSONL (default: the embedded corpus' eval split)")
+    dialogue.add_argument("--samples", type=_positive_int, default=8, help="replies per prompt (default 8)")
+    dialogue.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default 64")
+    dialogue.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    dialogue.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    dialogue.add_argument("--limit", type=_positive_int, default=None, help="use only the first N unique prompts")
+    dialogue.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per generate call")
+    dialogue.add_argument("--seed", type=int, default=0)
+    dialogue.add_argument("--encoder", default=None,
+                          help="sentence encoder for embedding metrics (default all-MiniLM-L6-v2, offline)")
+    dialogue.add_argument("--reference-model", default=None, metavar="DIR",
+                          help="'base' model scoring the replies' NLL (a fluency proxy); omitted: not computed")
+    dialogue.add_argument("--out", default="eval-dialogue", metavar="DIR", help="output directory")
+
+    code = sub.add_parser(
+        "code", help="pass@k on HumanEval / MBPP with generated programs run in a sandbox",
+        description="Sample --n completions per problem of a HumanEval (.jsonl[.gz]) or MBPP sanitized (.json) file, "
+                    "run each program with its tests in a sandbox (bubblewrap when usable, else rlimits), and "
+                    "report unbiased pass@k. Writes results.json, report.md and pass_at_k.png to --out.")
+    code.add_argument("--model", required=True, metavar="DIR", help="model directory, hub id or 'sfr-tiny'")
+    code.add_argument("--data", required=True, metavar="FILE", help="HumanEval.jsonl.gz or sanitized-mbpp.json")
+    code.add_argument("--n", type=_positive_int, default=10, help="samples per problem (default 10)")
+    code.add_argument("--k", type=_k_list, default=[1, 5, 10], help="comma-separated k values (default 1,5,10)")
+    code.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
+    code.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    code.add_argument("--max-new-tokens", type=_positive_int, default=512, help="default 512")
+    code.add_argument("--prompt-style", choices=("auto", "completion", "chat"), default="auto",
+                      help="auto: chat when the tokenizer has a chat template")
+    code.add_argument("--limit", type=_positive_int, default=None, help="use only the first N problems")
+    code.add_argument("--batch-size", type=_positive_int, default=8)
+    code.add_argument("--seed", type=int, default=0)
+    code.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3)")
+    code.add_argument("--sandbox", choices=("auto", "bwrap", "rlimit"), default="auto",
+                      help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker fallback)")
+    code.add_argument("--workers", type=_positive_int, default=None, help="programs run in parallel (default: CPUs)")
+    code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory")
+    parser.set_defaults(eval_parser=parser)
+
+
+def main(args) -> int:
+    command = getattr(args, "eval_command", None)
+    if command is None:
+        args.eval_parser.print_help()
+        return 2
+    try:
+        if command == "code":
+            return _code(args)
+        return _dialogue(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # bad input, unloadable model, no sandbox
+        print(f"sfr eval {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _code(args) -> int:
+    from sfr.eval.code import evaluate_code
+    from sfr.eval.report import write_code_report
+
+    if max(args.k) > args.n:
+        raise ValueError(f"--k {max(args.k)} > --n {args.n}: pass@k needs at least k samples per problem")
+    results = evaluate_code(args.model, args.data, n=args.n, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
+                            seed=args.seed, prompt_style=args.prompt_style, timeout=args.timeout,
+                            sandbox=args.sandbox, workers=args.workers)
+    written = write_code_report(results, args.out)
+    print(open(written["report.md"], encoding="utf-8").read())
+    print("wrote " + ", ".join(written.values()))
+    return 0
+
+
+def _dialogue(args) -> int:
+    from sfr.eval.dialogue import evaluate_dialogue
+    from sfr.eval.report import write_dialogue_report
+
+    data = args.data
+    if data is None:
+        from sfr.corpus import default_corpus_path
+
+        data = default_corpus_path("eval")
+    results = evaluate_dialogue(args.model, data, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, limit=args.limit,
+                                batch_size=args.batch_size, seed=args.seed, encoder=args.encoder,
+                                reference_model=args.reference_model)
+    written = write_dialogue_report(results, args.out)
+    print(open(written["report.md"], encoding="utf-8").read())
+    print("wrote " + ", ".join(written.values()))
+    return 0

@@ -1,0 +1,160 @@
+"""Sampling replies / completions from a causal LM: batched ``transformers`` generate, optional vLLM.
+
+:func:`sample` takes prompts either as plain strings (used as is: completion style) or as chat
+message lists (``[{"role": ..., "content": ...}, ...]``, rendered with the tokenizer's chat template
+and ``add_generation_prompt=True``), and returns ``n`` decoded continuations per prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Sequence
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_model_path(name_or_path) -> str:
+    """``"sfr-tiny"`` / ``None`` -> the embedded tiny model's directory; anything else unchanged."""
+    if name_or_path is None or str(name_or_path) == "sfr-tiny":
+        from sfr.tiny_lm import resolve_model_name_or_path  # lazy: builds the tiny model on first use
+
+        return str(resolve_model_name_or_path(name_or_path))
+    return str(name_or_path)
+
+
+def load_model(name_or_path, device: str | None = None, dtype=None):
+    """Load ``(model, tokenizer)`` for sampling (eval mode). ``device`` defaults to CUDA when available."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    # transformers < 4.56 calls the argument torch_dtype
+    dtype_arg = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **{dtype_arg: dtype})
+    except OSError as exc:
+        raise OSError(f"cannot load model {path!r} (a local directory, a cached hub id, or 'sfr-tiny'): {exc}") from exc
+    model = model.to(device).eval()
+    return model, tokenizer
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def render_prompts(tokenizer, prompts) -> tuple[list[str], bool]:
+    """Prompts -> strings; returns (texts, templated). Message lists need a chat template."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise TypeError("prompts must be a non-empty list of strings or of chat message lists")
+    if all(isinstance(p, str) for p in prompts):
+        return list(prompts), False
+    if all(_is_messages(p) for p in prompts):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompts are chat message lists but the tokenizer has no chat template; "
+                             "pass plain-text prompts instead")
+        return [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts], True
+    raise TypeError("prompts must all be strings or all be chat message lists ([{'role':..., 'content':...}])")
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    added_pad = tokenizer.pad_token is None
+    if added_pad:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+        if added_pad:
+            tokenizer.pad_token = None
+
+
+def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+           max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0, backend: str = "auto",
+           progress: bool = True) -> list[list[str]]:
+    """``n`` sampled continuations of each prompt: returns ``out[prompt_index][sample_index]`` (str).
+
+    ``temperature == 0`` means greedy decoding (then the n samples are identical). Prompts are
+    expanded n times and generated ``batch_size`` sequences at a time, left padded. Only the new
+    tokens are decoded (special tokens skipped). ``seed`` seeds torch before sampling, so a run is
+    reproducible on the same device. ``backend="vllm"`` (or ``"auto"`` when vLLM is importable and
+    ``model`` is a path/name) uses vLLM instead of transformers.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(model, (str, os.PathLike)):
+        if backend == "vllm" or (backend == "auto" and vllm_available()):
+            return _sample_vllm(str(model), prompts, n, temperature, top_p, max_new_tokens, seed)
+        model, tokenizer = load_model(model)
+    elif backend == "vllm":
+        raise ValueError("backend='vllm' needs a model path or name, not a loaded model")
+    return _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size,
+                                seed, progress)
+
+
+def _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, seed,
+                         progress):
+    import torch
+    from tqdm.auto import tqdm
+
+    texts, templated = render_prompts(tokenizer, prompts)
+    expanded = [(i, text) for i, text in enumerate(texts) for _ in range(n)]
+    outputs: list[list[str]] = [[] for _ in texts]
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+    if temperature > 0:
+        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+           if t is not None]
+    flat_eos = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
+    with _left_padding(tokenizer), torch.no_grad():
+        kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=flat_eos or None)
+        for start in tqdm(range(0, len(expanded), batch_size), desc="sampling", disable=not progress,
+                          unit="batch"):
+            chunk = expanded[start:start + batch_size]
+            batch = tokenizer([text for _, text in chunk], return_tensors="pt", padding=True,
+                              add_special_tokens=not templated).to(device)
+            generated = model.generate(**batch, **kwargs)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            for (index, _), text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[index].append(text)
+    return outputs
+
+
+def _sample_vllm(path, prompts, n, temperature, top_p, max_new_tokens, seed):  # pragma: no cover - no vLLM here
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=path, seed=seed)
+    texts, _ = render_prompts(llm.get_tokenizer(), prompts)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+    return [[choice.text for choice in result.outputs] for result in llm.generate(texts, params)]

@@ -1,0 +1,156 @@
+"""Evaluation metrics: pass@k for code, diversity and mode statistics for dialogue samples.
+
+All functions are pure (no model); inputs are plain Python / NumPy / torch values.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pass_at_k_scalar(n: int, c: int, k: int) -> float:
+    if n - c < k:  # every size-k subset contains a correct sample
+        return 1.0
+    # 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k / i): no huge binomials, no overflow
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k estimator (Chen et al. 2021): ``1 - C(n-c, k) / C(n, k)``.
+
+    ``n`` samples per problem, ``c`` of them correct, ``k`` the budget. Computed in the numerically
+    stable product form ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (1.0 when ``n - c < k``).
+    Ints give a float; arrays (broadcast together) give an array of the broadcast shape.
+    ``ValueError`` unless ``n >= 1``, ``0 <= c <= n`` and ``1 <= k <= n``.
+    """
+    n_arr, c_arr, k_arr = (np.asarray(v) for v in (n, c, k))
+    for name, arr in (("n", n_arr), ("c", c_arr), ("k", k_arr)):
+        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+            raise TypeError(f"{name} must be integer(s), got {arr.dtype} values {arr!r}")
+    n_arr, c_arr, k_arr = np.broadcast_arrays(n_arr.astype(np.int64), c_arr.astype(np.int64), k_arr.astype(np.int64))
+    if np.any(n_arr < 1):
+        raise ValueError(f"n (samples per problem) must be >= 1, got {n}")
+    if np.any(c_arr < 0) or np.any(c_arr > n_arr):
+        raise ValueError(f"c (correct samples) must satisfy 0 <= c <= n, got c={c}, n={n}")
+    if np.any(k_arr < 1) or np.any(k_arr > n_arr):
+        raise ValueError(f"k must satisfy 1 <= k <= n (cannot estimate pass@k from fewer than k samples), "
+                         f"got k={k}, n={n}")
+    values = np.array([_pass_at_k_scalar(int(a), int(b), int(d))
+                       for a, b, d in zip(n_arr.ravel(), c_arr.ravel(), k_arr.ravel())], dtype=np.float64)
+    if n_arr.ndim == 0:
+        return float(values[0])
+    return values.reshape(n_arr.shape)
+
+
+def _check_texts(texts, minimum: int = 1) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must contain only strings")
+    if len(texts) < minimum:
+        raise ValueError(f"texts must hold at least {minimum} samples, got {len(texts)}")
+    return list(texts)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n of one prompt's samples: ``#unique n-grams / #n-grams``, pooled over the samples.
+
+    Tokens are whitespace-separated words (``str.split``); n-grams never cross samples.
+    0.0 when the samples have no n-gram at all (all shorter than ``n`` words).
+    """
+    texts = _check_texts(texts)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    grams = Counter()
+    for text in texts:
+        words = text.split()
+        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    total = sum(grams.values())
+    return len(grams) / total if total else 0.0
+
+
+def self_bleu(texts: Sequence[str]) -> float:
+    """Self-BLEU on sacrebleu's 0-100 scale: mean over samples of sentence-BLEU(sample, other samples).
+
+    Each sample is the hypothesis and all the other samples are its references
+    (``sacrebleu.sentence_bleu``: exponential smoothing, effective order, 13a tokenisation).
+    100 = all samples identical; near 0 = no shared n-grams. Lower is more diverse.
+    Needs at least 2 samples.
+    """
+    import sacrebleu
+
+    texts = _check_texts(texts, minimum=2)
+    scores = [sacrebleu.sentence_bleu(text, texts[:i] + texts[i + 1:]).score for i, text in enumerate(texts)]
+    return float(np.mean(scores))
+
+
+def embedding_diversity(embeddings) -> float:
+    """``1 - mean_{i != j} cos(e_i, e_j)`` over the rows of ``embeddings`` [n, E] (NumPy or torch).
+
+    0 when all samples embed in the same direction; 1 for mutually orthogonal ones. Needs n >= 2
+    and no all-zero row.
+    """
+    if hasattr(embeddings, "detach"):  # torch tensor
+        embeddings = embeddings.detach().cpu().double().numpy()
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [n, E], got shape {x.shape}")
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"embeddings need at least 2 rows to measure diversity, got {n}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0) or not np.all(np.isfinite(x)):
+        raise ValueError("embeddings must be finite with no all-zero row")
+    unit = x / norms
+    cos = unit @ unit.T
+    off_diagonal = cos.sum() - np.trace(cos)
+    return float(1.0 - off_diagonal / (n * (n - 1)))
+
+
+def entropy(probabilities: Mapping[str, float] | Sequence[float]) -> float:
+    """Shannon entropy in nats, ``-sum p log p`` (0 log 0 = 0) of a normalised distribution."""
+    values = np.asarray(list(probabilities.values()) if isinstance(probabilities, Mapping) else probabilities,
+                        dtype=np.float64)
+    total = values.sum()
+    if total <= 0:
+        return 0.0
+    p = values[values > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def mode_statistics(labels: Sequence[str | None], reference: Mapping[str, float]) -> dict:
+    """Compare the modes of sampled replies with the known mode distribution of their prompt.
+
+    ``labels``: the mode of each sample (``None`` = no recognised mode). ``reference``: mode ->
+    known probability. Returns (over the classified samples):
+
+    * ``coverage``: fraction of the reference's modes (probability > 0) seen at least once;
+    * ``entropy`` / ``reference_entropy``: Shannon entropy (nats) of the sampled / known distribution;
+    * ``total_variation``: ``0.5 * sum_m |p_sample(m) - p_ref(m)|`` (1 if nothing was classified);
+    * ``unclassified_rate``: fraction of samples with no recognised mode; ``counts``: mode -> count.
+    """
+    if not reference:
+        raise ValueError("reference mode frequencies must not be empty")
+    labels = list(labels)
+    counts = Counter(label for label in labels if label is not None)
+    classified = sum(counts.values())
+    known = [mode for mode, p in reference.items() if p > 0]
+    sampled = {mode: counts.get(mode, 0) / classified for mode in set(reference) | set(counts)} if classified else {}
+    tv = 0.5 * sum(abs(sampled.get(m, 0.0) - reference.get(m, 0.0)) for m in set(reference) | set(sampled)) \
+        if classified else 1.0
+    return {
+        "coverage": sum(1 for m in known if counts.get(m, 0) > 0) / len(known) if known else 0.0,
+        "entropy": entropy(counts) if classified else 0.0,
+        "reference_entropy": entropy(reference),
+        "total_variation": float(tv),
+        "unclassified_rate": (len(labels) - classified) / len(labels) if labels else 0.0,
+        "counts": dict(counts),
+    }
+
+
+def mean_or_nan(values) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,116 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sfr.eval.dialogue import PersonaClassifier, fit_persona_classifier, load_dialogue, load_encoder, score_replies
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _conversation(system, user, reply, **extra):
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": reply}], **extra}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    try:
+        return load_encoder(None, device="cpu")
+    except Exception as exc:  # the offline encoder package is missing
+        pytest.skip(f"sentence encoder not available offline: {exc}")
+
+
+def test_load_dialogue_merges_identical_prompts_and_limits(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        _conversation("pirate", "dinner?", "Arr, pasta!"),
+        _conversation("pirate", "dinner?", "Arr, curry!"),
+        _conversation("robot", "dinner?", "BEEP. Salad."),
+    ])
+    prompts = load_dialogue(path)
+    assert len(prompts) == 2
+    assert prompts[0].references == ["Arr, pasta!", "Arr, curry!"] and prompts[0].system == "pirate"
+    assert prompts[0].messages[-1] == {"role": "user", "content": "dinner?"}
+    assert len(load_dialogue(path, limit=1)) == 1
+
+
+@pytest.mark.parametrize("content, match", [
+    ("not json\n", "not a JSON line"),
+    (json.dumps({"text": "hello"}) + "\n", "unknown format"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", "last message must be the assistant"),
+    ("\n", "no conversations"),
+])
+def test_load_dialogue_bad_input(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_dialogue(path)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        load_dialogue(tmp_path / "missing.jsonl")
+
+
+def test_nearest_centroid_and_logistic_classifiers_separate_clusters():
+    rng = np.random.default_rng(3)
+    centers = np.eye(4)[:2] * 5
+    x = np.concatenate([centers[0] + rng.normal(size=(20, 4)), centers[1] + rng.normal(size=(20, 4))])
+    y = [0] * 20 + [1] * 20
+    classifier = PersonaClassifier(x, y)
+    test = np.concatenate([centers[0] + rng.normal(size=(10, 4)), centers[1] + rng.normal(size=(10, 4))])
+    assert (classifier.predict(test) == np.array([0] * 10 + [1] * 10)).mean() >= 0.95
+    with pytest.raises(ValueError, match="at least 2"):
+        PersonaClassifier(x, [0] * 40)
+
+
+def test_nearest_centroid_fallback_without_scikit_learn(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)  # import fails -> nearest centroid
+    x = np.array([[1.0, 0.1], [0.9, -0.1], [-1.0, 0.2], [-0.8, -0.1]])
+    classifier = PersonaClassifier(x, [3, 3, 7, 7])
+    assert classifier.kind == "nearest_centroid"
+    assert classifier.predict(np.array([[2.0, 0.5], [-0.5, 0.4], [0.1, 0.0]])).tolist() == [3, 7, 3]
+
+
+def test_scores_on_the_embedded_corpus_references(encoder):
+    corpus = pytest.importorskip("sfr.corpus")
+    records = corpus.build_corpus("eval")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = load_dialogue(corpus.write_jsonl(records, Path(tmp) / "eval.jsonl"))
+    prompts = prompts[:6]  # 6 (persona, prompt) pairs, 10 references each
+    classifier, labels = fit_persona_classifier(prompts, encoder)
+    # the references themselves as "samples": right style, modes at their known frequencies
+    faithful = score_replies(prompts, [p.references for p in prompts], encoder, classifier, labels)
+    assert faithful["style_marker_rate"] == 1.0
+    assert faithful["style_accuracy"] >= 0.9
+    assert faithful["mode_coverage"] == 1.0 and faithful["mode_total_variation"] == pytest.approx(0.0, abs=1e-12)
+    expected_entropy = np.mean([-sum(q * math.log(q) for q in corpus.mode_frequencies(p.prompt_id).values() if q > 0)
+                                for p in prompts])
+    assert faithful["mode_entropy"] == pytest.approx(expected_entropy)
+    # a collapsed model: one reply repeated, with another persona's style
+    other = {p.system: next(q for q in prompts if q.system != p.system) for p in prompts}
+    collapsed = score_replies(prompts, [[other[p.system].references[0]] * 4 for p in prompts], encoder,
+                              classifier, labels)
+    assert collapsed["self_bleu"] == pytest.approx(100.0) and collapsed["distinct_1"] < faithful["distinct_1"]
+    assert collapsed["embedding_diversity"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["mode_entropy"] == 0.0 and collapsed["style_accuracy"] <= 0.1
+    assert faithful["embedding_diversity"] > 0.05
+
+
+def test_judge_hook_is_averaged(encoder, tmp_path):
+    prompts = load_dialogue(_write_jsonl(tmp_path / "d.jsonl", [_conversation("a", "q", "r")]))
+    calls = []
+
+    def judge(messages, reply):
+        calls.append((messages[-1]["content"], reply))
+        return len(reply)
+
+    metrics = score_replies(prompts, [["ab", "abcd"]], encoder=None, judge=judge)
+    assert metrics["judge_score"] == 3.0 and calls == [("q", "ab"), ("q", "abcd")]
+    assert metrics["embedding_diversity"] is None and metrics["reference_nll"] is None

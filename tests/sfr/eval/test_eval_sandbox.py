@@ -1,0 +1,215 @@
+"""The code sandbox against hostile programs, in every sandbox mode this machine can run.
+
+bwrap mode must contain everything; rlimit mode is documented as weaker (no network or file-system
+isolation; when it runs programs as this very user it cannot protect this user's files or processes),
+and those cases are skipped with the reason.
+"""
+import os
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from sfr.eval import check_program
+from sfr.eval.sandbox import SandboxLimits, sandbox_available, sandbox_mode, sandbox_runs_as_other_user
+
+TIMEOUT = 1.5
+SLACK = 3.0  # start-up and teardown of the sandbox on a busy 2-core machine
+
+
+def _modes():
+    params = []
+    for mode in ("bwrap", "rlimit"):
+        reason = None if sandbox_available(mode) else f"{mode} sandbox is not usable on this machine"
+        if mode == "bwrap" and reason:
+            reason += " (apt-get install -y bubblewrap; needs unprivileged user namespaces)"
+        params.append(pytest.param(mode, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
+    return params
+
+
+pytestmark = [pytest.mark.filterwarnings("ignore:sandbox:RuntimeWarning")]
+
+
+def _leftover_runners() -> list[int]:
+    """Processes still running the sandbox runner (they would be escaped sandbox processes)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if b"_sfr_run" in f.read():
+                        pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+def _assert_no_leftovers():
+    deadline = time.monotonic() + 2.0
+    while _leftover_runners() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _leftover_runners() == []
+
+
+def _run(program, mode, **limit_overrides):
+    limits = SandboxLimits(**limit_overrides) if limit_overrides else None
+    start = time.monotonic()
+    result = check_program(program, timeout=TIMEOUT, mode=mode, limits=limits)
+    return result, time.monotonic() - start
+
+
+def _skip_unless_isolated_from_this_user(mode):
+    if mode == "rlimit" and not sandbox_runs_as_other_user(mode):
+        pytest.skip("rlimit mode runs programs as this user (not root here), so it cannot protect this "
+                    "user's files and processes: known weaker isolation")
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_ordinary_programs_pass_fail_and_use_scratch(mode):
+    result, _ = _run("with open('scratch.txt', 'w') as f:\n    f.write('ok')\n"
+                     "assert open('scratch.txt').read() == 'ok'\nprint('done')\n", mode)
+    assert result.status == "passed" and result.passed and result.returncode == 0
+    assert result.stdout.strip() == "done" and result.sandbox == mode
+    failed, _ = _run("def f(x):\n    return x + 1\nassert f(1) == 3\n", mode)
+    assert failed.status == "failed" and not failed.passed and "AssertionError" in failed.stderr
+    broken, _ = _run("def f(:\n", mode)
+    assert broken.status == "error" and "SyntaxError" in broken.reason
+
+
+@pytest.mark.parametrize("mode", _modes())
+@pytest.mark.parametrize("early_exit", ["exit(0)", "import sys; sys.exit(0)", "import os; os._exit(0)",
+                                        "raise SystemExit"])
+def test_exiting_early_is_a_failure(mode, early_exit):
+    result, _ = _run(f"{early_exit}\nassert 1 == 2, 'never reached'\n", mode)
+    assert result.returncode == 0 and result.status == "failed" and not result.passed
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_infinite_loop_times_out(mode):
+    result, elapsed = _run("while True:\n    pass\n", mode)
+    assert result.status == "timeout" and not result.passed
+    assert TIMEOUT <= elapsed < TIMEOUT + SLACK
+    _assert_no_leftovers()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_sleeping_children_and_escaped_sessions_are_killed(mode):
+    # a double-forked, setsid'ed child outlives its parent unless the sandbox reaps it
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               "        time.sleep(60)\n    os._exit(0)\nos.wait()\nprint('parent done')\n")
+    result, elapsed = _run(program, mode)
+    assert result.passed and elapsed < TIMEOUT + SLACK
+    _assert_no_leftovers()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_fork_bomb_is_contained(mode):
+    program = ("import os, time\nwhile True:\n    try:\n        os.fork()\n"
+               "    except OSError:\n        time.sleep(0.01)\n")
+    result, elapsed = _run(program, mode, max_processes=16)
+    assert not result.passed and elapsed < TIMEOUT + SLACK
+    _assert_no_leftovers()
+    assert subprocess.run(["true"], timeout=5).returncode == 0  # the host can still start processes
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_memory_bomb_is_contained(mode):
+    program = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))\n"
+    result, elapsed = _run(program, mode, memory_bytes=256 << 20)
+    assert result.status == "error" and "MemoryError" in result.reason
+    assert elapsed < TIMEOUT + SLACK
+    huge, _ = _run("x = bytearray(1 << 40)\n", mode)
+    assert huge.status == "error" and "MemoryError" in huge.reason
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_cannot_write_or_delete_host_files(mode, tmp_path):
+    _skip_unless_isolated_from_this_user(mode)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    target = tmp_path / "pwned.txt"
+    program = (f"import os, shutil\ntry:\n    open({str(target)!r}, 'w').write('pwned')\nexcept OSError as e:\n"
+               f"    print('write blocked', type(e).__name__)\n"
+               f"for attempt in (lambda: os.remove({str(keep)!r}), lambda: shutil.rmtree({str(tmp_path)!r})):\n"
+               f"    try:\n        attempt()\n    except OSError as e:\n"
+               f"        print('delete blocked', type(e).__name__)\n")
+    result, _ = _run(program, mode)
+    assert result.passed, result  # the program ran to its end; every attempt was refused
+    assert not target.exists()
+    assert keep.read_text() == "precious"
+    assert result.stdout.count("blocked") == 3
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_no_network(mode):
+    if mode == "rlimit":
+        pytest.skip("rlimit mode has no network isolation (known weaker; use bwrap)")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(0.3)
+        port = server.getsockname()[1]
+        program = (f"import socket\ns = socket.socket()\ns.settimeout(0.5)\ntry:\n"
+                   f"    s.connect(('127.0.0.1', {port}))\n    s.sendall(b'pwned')\n    print('connected')\n"
+                   f"except OSError as e:\n    print('refused', type(e).__name__)\n")
+        result, _ = _run(program, mode)
+        assert result.passed and "refused" in result.stdout and "connected" not in result.stdout
+        with pytest.raises(socket.timeout):
+            server.accept()  # nothing arrived
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_host_environment_is_not_visible(mode, monkeypatch):
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("SFR_TEST_SECRET", secret)
+    result, _ = _run("import os\nprint(sorted(os.environ.items()))\n"
+                     "print(open('/proc/self/environ', 'rb').read())\n", mode)
+    assert result.passed and "PATH" in result.stdout
+    assert secret not in result.stdout and "SFR_TEST_SECRET" not in result.stdout
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_cannot_kill_parent_or_test_process(mode):
+    _skip_unless_isolated_from_this_user(mode)
+    program = (f"import os, signal\nfor pid in (os.getppid(), {os.getpid()}, {os.getppid()}):\n    try:\n"
+               f"        os.kill(pid, signal.SIGKILL)\n    except OSError as e:\n"
+               f"        print('blocked', pid, type(e).__name__)\n"
+               f"print('end')\n")
+    result, _ = _run(program, mode)
+    os.kill(os.getpid(), 0)  # we are alive (else the test run would have died here)
+    assert "end" in result.stdout  # the program ran to the end ...
+    assert f"blocked {os.getpid()}" in result.stdout  # ... and its kill of this process was refused
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_output_flood_is_capped_and_returns_quickly(mode):
+    result, elapsed = _run("import sys\nwhile True:\n    sys.stdout.write('x' * 8192)\n", mode,
+                           output_bytes=4096, output_kill_bytes=1 << 20)
+    assert not result.passed and result.output_truncated and elapsed < TIMEOUT
+    assert len(result.stdout) <= 4096 and "output exceeded" in result.reason
+    slow, elapsed = _run("import sys, time\nfor _ in range(10**9):\n    print('y' * 100)\n", mode,
+                         output_bytes=4096)
+    assert not slow.passed and len(slow.stdout) <= 4096 and elapsed < TIMEOUT + SLACK
+
+
+def test_mode_is_reported_and_validated():
+    assert sandbox_mode("auto") in ("bwrap", "rlimit")
+    assert check_program("print(1)", timeout=TIMEOUT).sandbox == sandbox_mode("auto")
+    with pytest.raises(ValueError, match="mode"):
+        check_program("print(1)", mode="docker")
+    with pytest.raises(ValueError, match="timeout"):
+        check_program("print(1)", timeout=0)
+    with pytest.raises(TypeError, match="program"):
+        check_program(b"print(1)")
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_program_that_outlives_its_killed_parent_is_stopped(mode):
+    # rlimit mode: the program kills its shepherd, then keeps running; it must not survive the run
+    program = ("import os, signal, time\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n"
+               "    pass\ntime.sleep(60)\n")
+    result, elapsed = _run(program, mode)
+    assert not result.passed and elapsed < TIMEOUT + SLACK
+    _assert_no_leftovers()
