@@ -1,0 +1,386 @@
+"""Microbenchmark of the SFR loss: torch-eager vs torch-compile vs the fused Triton path.
+
+Run from the repository root::
+
+    python -m bench.loss                                   # headline preset, N in {4096,16384,65536}, M in {1,4}
+    python -m bench.loss --preset all --N 16384 --M 4      # every model/encoder preset at one N, M
+    python -m bench.loss --quick --out "$TMPDIR/r"           # small smoke run (CI runs this on the CPU)
+
+Providers (same head weights, same inputs, same draws):
+
+* ``torch-eager``   -- the reference, ``sfr_loss(..., backend="torch")``.
+* ``torch-compile`` -- ``torch.compile`` of the reference (``mode="max-autotune-no-cudagraphs"`` on
+  CUDA, falling back to the default mode if that fails; the mode used is recorded in the provider
+  column as ``torch-compile:<mode>``). The Philox source/time draws run eagerly (exactly as the
+  reference draws them) and are passed in as ``noise``/``time``: inductor's lowering of the
+  10-round Philox chain blows up (its cost grows exponentially with the chain, observed with torch
+  2.13), so only the rest of the op is compiled. The draws are still inside the timed region.
+* ``triton``        -- ``sfr_loss(..., backend="triton")``. Skipped on the CPU: the Triton
+  interpreter's timings say nothing about the kernels.
+
+Modes: ``forward`` (a training forward: inputs require grad, the graph is kept), ``backward``
+(``loss.backward(retain_graph=True)`` on a graph built beforehand, gradients cleared before each
+run) and ``full`` (forward + backward). Note that the fused path computes part of the gradient in
+its forward (gradient-in-forward), so its forward is not comparable to the eager forward alone:
+compare ``full``.
+
+Metrics: ``time`` (ms; median and 20/80 % quantiles; ``triton.testing.do_bench`` on CUDA, a simple
+timer loop on the CPU), ``memory`` (MB the op adds at its peak beyond its inputs: CUDA only, not
+measured on the CPU), ``tflops`` (GEMM FLOPs / time, see ``bench.common``) and ``roofline_pct``
+(roofline time / measured time · 100; the GEMM rate (bf16 ``8192³`` matmul) and copy bandwidth are
+measured in the same run and written as ``kernel=device`` rows). Inputs are random (never zeros),
+rotated over several pre-allocated sets; the head's zero-initialised output layer is re-initialised
+randomly so that every gradient is non-trivial. Hidden states are passed as ``[N, D]`` (already
+gathered, no ``anchor_index``).
+
+On the CPU everything runs in fp32 and only checks the harness: CPU numbers are never kernel results.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.common import LossShape
+
+PROVIDERS = ("torch-eager", "torch-compile", "triton")
+METRICS = ("time", "memory", "tflops", "roofline_pct")
+ROTATING_SETS = 3  # pre-allocated input sets cycled through, so no run reuses the previous one's inputs
+GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+@dataclass
+class InputSet:
+    hidden: torch.Tensor  # [N, D], requires grad
+    target: torch.Tensor  # [N, E], unit rows
+    seed: int
+
+
+@dataclass
+class Settings:
+    """What one run measures (from the command line, with ``--quick`` defaults filled in)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    presets: list[str]
+    n_values: list[int]
+    m_values: list[int]
+    providers: list[str]
+    modes: list[str]
+    metrics: list[str]
+    warmup: int  # CUDA: milliseconds (do_bench); CPU: calls
+    rep: int
+    gemm_size: int
+    copy_bytes: int
+    compile_mode: str
+    compile_left_out: bool = False  # --quick on the CPU leaves torch-compile out unless asked for
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", action="append", default=None, metavar="MODEL+ENCODER",
+                        help=f"shape preset (repeatable), one of {', '.join(common.PRESETS)} or 'all' "
+                             f"(default: {common.HEADLINE_PRESET})")
+    parser.add_argument("--N", type=int, nargs="+", default=None, help="anchor counts (default: 4096 16384 65536)")
+    parser.add_argument("--M", type=int, nargs="+", default=None, help="samples per anchor (default: 1 4)")
+    parser.add_argument("--dtype", choices=sorted(common.DTYPES), default=None,
+                        help="input/head dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="providers to run (default: all; --quick on the CPU: torch-eager only)")
+    parser.add_argument("--modes", nargs="+", choices=common.MODES, default=None,
+                        help="modes (default: forward backward full; --quick: full forward)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
+                        help="metrics (default: all; memory is measured on CUDA only)")
+    parser.add_argument("--compile-mode", default=None,
+                        help=f"torch.compile mode (default: {GPU_COMPILE_MODE} on CUDA, 'default' on the CPU)")
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR,
+                        help="directory whose loss.csv the rows are appended to (default: bench/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small smoke run: one preset, one small N, M=1, modes full+forward, few repetitions")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    quick = args.quick
+    if args.preset is None:
+        presets = ["qwen2.5-0.5b+minilm" if quick and not on_gpu else common.HEADLINE_PRESET]
+    elif "all" in args.preset:
+        presets = list(common.PRESETS)
+    else:
+        presets = list(dict.fromkeys(args.preset))
+    for name in presets:
+        common.preset_dims(name)
+    n_values = args.N or ([4096] if quick and on_gpu else [256] if quick else [4096, 16384, 65536])
+    m_values = args.M or ([1] if quick else [1, 4])
+    for flag, values in (("--N", n_values), ("--M", m_values)):
+        if any(v < 1 for v in values):
+            raise ValueError(f"{flag} values must be >= 1, got {values}")
+    if args.providers is not None:
+        providers = list(dict.fromkeys(args.providers))
+    elif quick and not on_gpu:
+        # Inductor's C++ build of the compiled reference takes about a minute on a small CPU.
+        providers = ["torch-eager", "triton"]
+    else:
+        providers = list(PROVIDERS)
+    modes = args.modes or (["full", "forward"] if quick else list(common.MODES))
+    metrics = args.metrics or list(METRICS)
+    if on_gpu:
+        warmup, rep = (5, 20) if quick else (25, 100)
+        gemm_size, copy_bytes = (4096, 2**28) if quick else (8192, 2**30)
+    else:
+        warmup, rep = (1, 3) if quick else (2, 10)
+        gemm_size, copy_bytes = (256, 2**24) if quick else (1024, 2**26)
+    dtype = common.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    compile_mode = args.compile_mode or (GPU_COMPILE_MODE if on_gpu else "default")
+    return Settings(device, dtype, presets, n_values, m_values, providers, modes, metrics, warmup, rep,
+                    gemm_size, copy_bytes, compile_mode, compile_left_out=args.providers is None and quick and not on_gpu)
+
+
+def make_head(shape: LossShape, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A ``FlowHead`` for ``shape`` whose zero-initialised output layer is re-drawn randomly."""
+    from sfr.head import FlowHead
+
+    head = FlowHead(shape.D, shape.E, width=shape.width, depth=shape.depth, time_features=shape.time_features)
+    head.out.reset_parameters()  # nn.Linear's default (Kaiming-uniform) init: non-zero gradients everywhere
+    return head.to(device=device, dtype=dtype)
+
+
+def make_inputs(shape: LossShape, device: torch.device, dtype: torch.dtype, count: int) -> list[InputSet]:
+    """``count`` random input sets (hidden ~ N(0, 1), unit-norm targets), each with its own seed."""
+    sets = []
+    for i in range(count):
+        hidden = torch.randn(shape.N, shape.D, device=device, dtype=dtype).requires_grad_(True)
+        target = torch.nn.functional.normalize(torch.randn(shape.N, shape.E, device=device), dim=-1).to(dtype)
+        sets.append(InputSet(hidden, target, seed=1000 + i))
+    return sets
+
+
+def make_loss_fn(provider: str, head: torch.nn.Module, shape: LossShape, compile_mode: str):
+    """``(loss_fn(inputs) -> 0-dim loss, provider label)`` for a provider."""
+    from sfr_kernels import draw_source, draw_time, sfr_loss
+
+    m = shape.M
+    if provider in ("torch-eager", "triton"):
+        backend = "torch" if provider == "torch-eager" else "triton"
+        return (lambda inp: sfr_loss(inp.hidden, inp.target, head, num_samples=m, seed=inp.seed,
+                                     backend=backend)), provider
+    if provider != "torch-compile":
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+
+    def reference_from_draws(hidden, target, noise, time):
+        return sfr_loss(hidden, target, head, num_samples=m, noise=noise, time=time, backend="torch")
+
+    def with_draws(compiled):
+        def loss_fn(inp):
+            n, device = inp.hidden.shape[0], inp.hidden.device
+            noise = draw_source(inp.seed, n, m, shape.E, 1.0, device)
+            time = draw_time(inp.seed, n, m, "uniform", device)
+            return compiled(inp.hidden, inp.target, noise, time)
+        return loss_fn
+
+    errors = []
+    for mode in dict.fromkeys([compile_mode, "default"]):
+        torch._dynamo.reset()  # fresh caches per shape: no recompile limit, no stale specialisations
+        compiled = torch.compile(reference_from_draws, mode=None if mode == "default" else mode, dynamic=False)
+        fn = with_draws(compiled)
+        try:
+            probe = make_inputs(shape, next(head.parameters()).device, next(head.parameters()).dtype, 1)[0]
+            fn(probe).backward()  # compiles forward and backward now, outside any timed region
+            head.zero_grad(set_to_none=True)
+        except Exception as error:  # noqa: BLE001 - any compile failure means: try the next mode
+            errors.append(f"mode={mode}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            print(f"  torch-compile mode={mode} failed ({errors[-1]}); trying the next mode", flush=True)
+            continue
+        return fn, f"torch-compile:{mode}"
+    raise RuntimeError("torch.compile failed in every mode: " + "; ".join(errors))
+
+
+def compile_options(retain_graph_safe: bool):
+    """Inductor settings for a compiled backward that is run repeatedly on one graph.
+
+    Backward-only timing calls ``loss.backward(retain_graph=True)``; AOTAutograd's donated buffers
+    (backward reusing saved tensors' memory) forbid that, so the backward-mode variant of
+    ``torch-compile`` is compiled with ``donated_buffer=False``. Forward and full keep the default.
+    """
+    from torch._functorch import config as functorch_config
+
+    if retain_graph_safe and hasattr(functorch_config, "donated_buffer"):
+        return functorch_config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
+def time_mode(loss_fn, inputs: list[InputSet], head, mode: str, settings: Settings):
+    """(p50, p20, p80) ms of one mode, cycling over the input sets."""
+    params = list(head.parameters())
+    grads = [inp.hidden for inp in inputs] + params
+    counter = iter(range(10**12))
+
+    def next_inputs():
+        return inputs[next(counter) % len(inputs)]
+
+    if mode == "forward":
+        fn = lambda: loss_fn(next_inputs())  # noqa: E731
+    elif mode == "full":
+        fn = lambda: loss_fn(next_inputs()).backward()  # noqa: E731
+    else:
+        losses = [loss_fn(inp) for inp in inputs]
+        fn = lambda: losses[next(counter) % len(losses)].backward(retain_graph=True)  # noqa: E731
+    result = common.bench_ms(fn, settings.device, warmup=settings.warmup, rep=settings.rep, grad_to_none=grads)
+    for t in grads:
+        t.grad = None
+    return result
+
+
+def memory_mode(loss_fn, inp: InputSet, head, mode: str, device: torch.device) -> float:
+    """MB the op adds at its peak beyond its inputs (and, for ``backward``, beyond the built graph)."""
+    params = list(head.parameters())
+
+    def clear():
+        inp.hidden.grad = None
+        for p in params:
+            p.grad = None
+
+    clear()
+    if mode == "forward":
+        mb = common.peak_memory_mb(lambda: loss_fn(inp), device)
+    elif mode == "full":
+        mb = common.peak_memory_mb(lambda: loss_fn(inp).backward(), device)
+    else:
+        loss = loss_fn(inp)
+        mb = common.peak_memory_mb(lambda: loss.backward(), device)
+        del loss
+    clear()
+    return mb
+
+
+def measure_device(settings: Settings, env: dict) -> tuple[float, float, list[dict]]:
+    """GEMM rate (TFLOP/s) and copy bandwidth (GB/s) of this device, and their CSV rows."""
+    dtype_name = common.DTYPE_NAMES[settings.dtype]
+    gemm = common.measure_gemm_tflops(settings.device, settings.dtype, settings.gemm_size,
+                                      warmup=settings.warmup, rep=settings.rep)
+    copy = common.measure_copy_bandwidth(settings.device, settings.copy_bytes, warmup=settings.warmup,
+                                         rep=settings.rep)
+    label = "" if settings.device.type == "cuda" else " (CPU, harness check only)"
+    print(f"device: {env['device']}{label}")
+    print(f"  {dtype_name} GEMM {settings.gemm_size}^3: {gemm[0]:.3f} TFLOP/s; copy {settings.copy_bytes / 2**20:.0f} MiB: "
+          f"{copy[0]:.1f} GB/s", flush=True)
+    rows = [
+        common.make_row(env, kernel="device", provider="torch", mode="gemm", metric="tflops", unit="TFLOP/s",
+                        N=settings.gemm_size, dtype=dtype_name, p50=gemm[0], p20=gemm[1], p80=gemm[2]),
+        common.make_row(env, kernel="device", provider="torch", mode="copy", metric="bandwidth", unit="GB/s",
+                        N=settings.copy_bytes, dtype="fp32", p50=copy[0], p20=copy[1], p80=copy[2]),
+    ]
+    return gemm[0], copy[0], rows
+
+
+def run(settings: Settings, out_dir: Path) -> list[dict]:
+    """Measure everything ``settings`` asks for; append the rows to ``out_dir/loss.csv``; return them."""
+    env = common.environment(settings.device)
+    on_gpu = settings.device.type == "cuda"
+    if not on_gpu:
+        print("NOTE: no CUDA device -- CPU run in fp32: a check of the harness, NOT kernel results.")
+        if "memory" in settings.metrics:
+            print("NOTE: memory is not measured on the CPU (no memory rows are written).")
+    providers = list(settings.providers)
+    if "triton" in providers and not on_gpu:
+        print("NOTE: provider triton skipped on the CPU: Triton-interpreter timings are meaningless.")
+        providers.remove("triton")
+    if settings.compile_left_out:
+        print("NOTE: torch-compile not run (--quick on the CPU: inductor's C++ build takes about a minute); "
+              "pass --providers torch-compile to include it.")
+    gemm_tflops, bandwidth_gbs, rows = measure_device(settings, env)
+    dtype_name = common.DTYPE_NAMES[settings.dtype]
+    bytes_per_element = torch.finfo(settings.dtype).bits // 8
+
+    for preset in settings.presets:
+        d, e = common.preset_dims(preset)
+        for n in settings.n_values:
+            for m in settings.m_values:
+                shape = LossShape(N=n, M=m, D=d, E=e)
+                print(f"\n{preset} N={n} M={m} (D={d}, E={e}, width={shape.width}, depth={shape.depth}, {dtype_name})",
+                      flush=True)
+                torch.manual_seed(0)
+                head = make_head(shape, settings.device, settings.dtype)
+                inputs = make_inputs(shape, settings.device, settings.dtype, ROTATING_SETS)
+                for provider in providers:
+                    built = {}  # retain_graph-safe variant (bool) -> (loss_fn, label) or the error
+                    # Backward last: its torch-compile variant is compiled separately (see compile_options).
+                    for mode in sorted(settings.modes, key=lambda mode: mode == "backward"):
+                        variant = provider == "torch-compile" and mode == "backward"
+                        if variant not in built:
+                            try:
+                                with compile_options(variant):
+                                    built[variant] = make_loss_fn(provider, head, shape, settings.compile_mode)
+                            except Exception as error:  # noqa: BLE001 - report, go on with the others
+                                built[variant] = error
+                                print(f"  {provider}: skipped ({type(error).__name__}: {error})", flush=True)
+                        if isinstance(built[variant], Exception):
+                            continue
+                        loss_fn, label = built[variant]
+                        try:
+                            with compile_options(variant):
+                                rows += measure_one(loss_fn, label, inputs, head, shape, mode, settings, env,
+                                                    gemm_tflops, bandwidth_gbs, bytes_per_element)
+                        except torch.cuda.OutOfMemoryError as error:
+                            print(f"  {label:<36} {mode:<8} out of memory ({str(error).splitlines()[0]})", flush=True)
+                        finally:
+                            for t in [inp.hidden for inp in inputs] + list(head.parameters()):
+                                t.grad = None
+                            if on_gpu:
+                                torch.cuda.empty_cache()
+                del head, inputs
+    path = common.append_rows(Path(out_dir) / "loss.csv", rows)
+    print(f"\nwrote {len(rows)} rows to {path}")
+    return rows
+
+
+def measure_one(loss_fn, label, inputs, head, shape: LossShape, mode: str, settings: Settings, env: dict,
+                gemm_tflops: float, bandwidth_gbs: float, bytes_per_element: int) -> list[dict]:
+    """The rows (time, memory, tflops, roofline_pct) of one provider in one mode."""
+    base = dict(kernel="sfr_loss", provider=label, mode=mode, N=shape.N, M=shape.M, D=shape.D, E=shape.E,
+                width=shape.width, depth=shape.depth, dtype=common.DTYPE_NAMES[settings.dtype])
+    t50, t20, t80 = time_mode(loss_fn, inputs, head, mode, settings)
+    flops = common.loss_flops(shape, mode)
+    roof = common.roofline_ms(flops, common.loss_min_bytes(shape, mode, bytes_per_element), gemm_tflops, bandwidth_gbs)
+    rows, summary = [], f"  {label:<36} {mode:<8} {t50:10.3f} ms [{t20:.3f}, {t80:.3f}]"
+    if "time" in settings.metrics:
+        rows.append(common.make_row(env, metric="time", unit="ms", p50=t50, p20=t20, p80=t80, **base))
+    if "tflops" in settings.metrics:
+        tf = [flops / (t * 1e-3) / 1e12 for t in (t50, t80, t20)]
+        rows.append(common.make_row(env, metric="tflops", unit="TFLOP/s", p50=tf[0], p20=tf[1], p80=tf[2], **base))
+        summary += f" {tf[0]:8.3f} TFLOP/s"
+    if "roofline_pct" in settings.metrics:
+        pct = [roof / t * 100 for t in (t50, t80, t20)]
+        rows.append(common.make_row(env, metric="roofline_pct", unit="%", p50=pct[0], p20=pct[1], p80=pct[2], **base))
+        summary += f" {pct[0]:6.1f}% roofline"
+    if "memory" in settings.metrics and settings.device.type == "cuda":
+        mb = memory_mode(loss_fn, inputs[0], head, mode, settings.device)
+        rows.append(common.make_row(env, metric="memory", unit="MB", p50=mb, p20=mb, p80=mb, **base))
+        summary += f" {mb:9.1f} MB"
+    print(summary, flush=True)
+    if not all(math.isfinite(t) for t in (t50, t20, t80)):
+        raise RuntimeError(f"non-finite timing for {label} {mode}")
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run(settings, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m bench.loss", description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
