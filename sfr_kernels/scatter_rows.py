@@ -35,4 +35,7 @@ def scatter_rows_kernel(src_ptr, sorted_index_ptr, order_ptr, out_ptr, scale_ptr
         more = (j < N) & (following == dest)
 
     scale = tl.load(scale_ptr)
-    tl.store(out_ptr + dest * D + cols, (acc * scale).to(out_ptr.dtype.element_ty), mask=col_mask & (tl.zeros((BLOCK_D,), tl.int32) + leader.to(tl.int32) > 0))
+    # The scalar `leader` is broadcast to a [BLOCK_D] vector by hand: `col_mask & leader` compiles,
+    # but the interpreter (how CI runs this) rejects a mask built from a scalar boolean.
+    leader_cols = (tl.zeros((BLOCK_D,), tl.int32) + leader.to(tl.int32)) > 0
+    tl.store(out_ptr + dest * D + cols, (acc * scale).to(out_ptr.dtype.element_ty), mask=col_mask & leader_cols)
