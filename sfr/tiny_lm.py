@@ -1,8 +1,8 @@
 """The embedded default model ``"sfr-tiny"``: a tiny causal LM and tokenizer built offline.
 
 Anywhere ``sfr`` accepts a model name, ``"sfr-tiny"`` (:data:`DEFAULT_MODEL`) and ``None`` mean this
-model: :func:`resolve_model_name_or_path` maps them to :func:`default_model_path`, and passes every
-other name or path through unchanged (a hub id or a local directory for ``from_pretrained``).
+model: :func:`resolve_model_name_or_path` maps them to :func:`default_model_path`, an existing local
+directory to its absolute path, and passes any other name through unchanged (a hub id).
 
 :func:`default_model_path` builds the model once and caches it under ``$SFR_CACHE/tiny-lm-v1``
 (default ``~/.cache/sfr/tiny-lm-v1``), written to a temporary directory and renamed, so an interrupted
@@ -11,19 +11,20 @@ build never leaves a half-written model. The directory is a normal Hugging Face 
     AutoTokenizer.from_pretrained(default_model_path())
     AutoModelForCausalLM.from_pretrained(default_model_path())
 
-* Tokenizer: byte-level BPE (vocabulary :data:`VOCAB_SIZE`) trained with the ``tokenizers`` library
-  on the embedded persona corpus (:func:`sfr.corpus.corpus_texts`) plus a little generic English,
-  wrapped as ``PreTrainedTokenizerFast``. Special tokens: ``<|pad|>`` (pad), ``<|bos|>`` (bos),
-  ``<|end|>`` (end of turn; also eos, so generation stops after one reply), and the role tokens
-  ``<|system|>``, ``<|user|>``, ``<|assistant|>``. Chat template (:data:`CHAT_TEMPLATE`)::
+* Tokenizer: byte-level BPE (at most :data:`VOCAB_SIZE` tokens; the small training text gives about
+  1.4k) trained deterministically with the ``tokenizers`` library on the embedded persona corpus
+  (:func:`sfr.corpus.corpus_texts`) plus a little generic English, wrapped as
+  ``PreTrainedTokenizerFast``; byte-level, so any text can be tokenised. Special tokens: ``<|pad|>``
+  (pad), ``<|bos|>`` (bos), ``<|end|>`` (end of turn; also eos, so generation stops after one reply),
+  and the role tokens ``<|system|>``, ``<|user|>``, ``<|assistant|>``. Chat template (:data:`CHAT_TEMPLATE`)::
 
       <|bos|><|system|>persona<|end|><|user|>question<|end|><|assistant|>reply<|end|>
 
   with ``add_generation_prompt=True`` appending ``<|assistant|>``. Completion-only labels (the reply
   and its ``<|end|>``) are computed by :func:`sfr.data.tokenize_example`.
 * Model: a Llama architecture (hidden 128, 4 layers, 4 heads, MLP 384, tied embeddings, context 256),
-  about 1.0M parameters (vocabulary padded to a multiple of 64), initialised deterministically (seed 0). Random weights: ``sfr train`` /
-  ``sfr demo`` fine-tune it on the corpus in minutes on a CPU.
+  about 1.0M parameters (vocabulary padded to a multiple of 64), initialised deterministically
+  (seed 0). Random weights: ``sfr train`` / ``sfr demo`` fine-tune it on the corpus in minutes on a CPU.
 """
 from __future__ import annotations
 
@@ -67,13 +68,15 @@ Monday Tuesday Wednesday Thursday Friday Saturday Sunday, morning, afternoon, ev
 
 
 def resolve_model_name_or_path(name: str | os.PathLike | None) -> str:
-    """``None`` or ``"sfr-tiny"`` -> the cached default model directory (built on first use); any
-    other name or path is returned unchanged (as ``str``)."""
+    """``None`` or ``"sfr-tiny"`` -> the cached default model directory (built on first use); an
+    existing local directory -> its absolute path (so that it still loads from another working
+    directory, e.g. when recorded in ``sfr_targets.json``); any other name unchanged (a hub id)."""
     if name is None or str(name) == DEFAULT_MODEL:
         return str(default_model_path())
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"model name must be a str, a path or None, got {type(name).__name__}")
-    return str(name)
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name)
 
 
 def default_model_path() -> Path:

@@ -94,3 +94,10 @@ def test_bad_rows_and_arguments():
         collate([{**row, "anchor_positions": [2, 3]}])
     with pytest.raises(ValueError, match="weight_fn returned 2 weights"):
         SFRDataCollator(pad_token_id=0, weight_fn=lambda r, p, e: [1.0, 2.0])([row])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        SFRDataCollator(pad_token_id=0, weight_fn=lambda r, p, e: [-1.0])([row])
+    for positions, ends in (([-1], [6]), ([2], [2]), ([2], [7])):  # t < 0, empty segment, end past the row
+        with pytest.raises(ValueError, match=r"row 0: anchors must satisfy 0 <= t < segment_end <= 6"):
+            collate([{**row, "anchor_positions": positions, "anchor_segment_ends": ends}])
+    with pytest.raises(ValueError, match="dimension 3, expected 5"):
+        collate([row, {**row, "anchor_targets": [[0.1, 0.2, 0.3]]}])

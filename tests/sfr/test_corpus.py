@@ -12,6 +12,7 @@ from sfr.corpus import (
     default_corpus_path,
     has_style_marker,
     mode_frequencies,
+    split_pairs,
     write_jsonl,
 )
 
@@ -42,8 +43,9 @@ def test_splits_are_disjoint_and_cover_every_persona_and_prompt():
         assert roles == ["system", "user", "assistant"]
         assert record["messages"][0]["content"] == PERSONAS[record["persona"]].system_prompt
         assert record["messages"][1]["content"] == PROMPTS[record["prompt_id"]].user_text
-    words = [len(_reply(r).split()) for r in train]
-    assert 8 <= min(words) and max(words) <= 30
+    words = [len(_reply(r).split()) for r in train + evaluation]
+    assert min(words) >= 8 and max(words) <= 19  # as documented
+    assert split_pairs("train") == sorted(train_pairs, key=lambda pq: (list(PERSONAS).index(pq[0]), list(PROMPTS).index(pq[1])))
 
 
 def test_mode_counts_follow_the_known_uneven_frequencies():
@@ -56,6 +58,12 @@ def test_mode_counts_follow_the_known_uneven_frequencies():
         counts = Counter(r["mode"] for r in records)
         for mode, p in freqs.items():  # 10 examples per pair: exact proportions
             assert counts[mode] == round(p * len(records)), (prompt_id, mode)
+    for record in build_corpus("eval"):  # the eval split follows the same frequencies per pair
+        assert record["mode"] in mode_frequencies(record["prompt_id"])
+    evaluation = Counter((r["prompt_id"], r["mode"]) for r in build_corpus("eval"))
+    for (prompt_id, mode), count in evaluation.items():
+        pairs = sum(1 for _, q in split_pairs("eval") if q == prompt_id)
+        assert count == round(mode_frequencies(prompt_id)[mode] * 10 * pairs)
     five = build_corpus("train", examples_per_pair=5)
     assert len(five) == 72 * 5
     per_pair = Counter((r["persona"], r["prompt_id"]) for r in five)

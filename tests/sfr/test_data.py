@@ -1,11 +1,12 @@
 import copy
 import csv
 import json
+import re
 
 import pytest
 
 from sfr.corpus import build_corpus
-from sfr.data import IGNORE_INDEX, convert_persona_chat, load_records, tokenize_example
+from sfr.data import IGNORE_INDEX, convert_persona_chat, load_records, tokenize_example, validate_records
 from sfr.tiny_lm import default_model_path
 
 
@@ -135,38 +136,87 @@ def test_convert_persona_chat_on_a_small_csv(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["user 1 personas", "user 2 personas", "Best Generated Conversation"])
         writer.writerow(["I like cats.\nI am tall.", "I bake bread.",
-                         "User 1: Hello!\nUser 2: Hi, I bake.\nUser 1: Nice.\nI love bread.\nUser 2: Thanks!"])
+                         "User 1: Hello!\nUser 2: Hi, I bake.\n[User 2 shows a loaf]\nUser 1: Nice.\nI love bread.\n"
+                         "User 2: Thanks!\n* * *\nUser 2: See you."])
+        writer.writerow(["A.", "B.", "* * User 1: * * Hey.\n* * User 2: * * Yo."])  # markdown-bold prefixes
         writer.writerow(["A.", "B.", ""])
+        writer.writerow(["C.", "D.", "Hi there.\n\n(waves)\nHello!\n\nBye."])  # no prefixes: alternate, User 1 first
     records = convert_persona_chat(path)
-    assert [r["turn"] for r in records] == [1, 2, 3]
-    second = records[1]
-    assert second["messages"] == [
+    # one record per turn after the first (turn 0 has nothing to reply to)
+    assert [(r["conversation"], r["turn"], r["speaker"]) for r in records] == [
+        (0, 1, "User 2"), (0, 2, "User 1"), (0, 3, "User 2"), (1, 1, "User 2"), (3, 1, "User 2"), (3, 2, "User 1")]
+    assert records[-1]["messages"] == [{"role": "system", "content": "C."}, {"role": "assistant", "content": "Hi there."},
+                                       {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Bye."}]
+    assert records[0]["messages"] == [{"role": "system", "content": "I bake bread."},
+                                      {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, I bake."}]
+    assert records[1]["messages"] == [
         {"role": "system", "content": "I like cats. I am tall."},
         {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Hi, I bake."},
-        {"role": "assistant", "content": "Nice. I love bread."},
+        {"role": "user", "content": "Hi, I bake."},  # the stage direction is dropped
+        {"role": "assistant", "content": "Nice. I love bread."},  # an unprefixed line continues the turn
     ]
-    assert second["train_on"] == "last" and second["speaker"] == "User 1"
-    assert records[0]["messages"][0]["content"] == "I bake bread."
+    # User 2's consecutive turns (across the "* * *" scene break) are merged into one
+    assert records[2]["messages"][0] == {"role": "system", "content": "I bake bread."}
+    assert records[2]["messages"][-1] == {"role": "assistant", "content": "Thanks! See you."}
+    assert [m["role"] for m in records[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert records[3]["messages"][1:] == [{"role": "user", "content": "Hey."}, {"role": "assistant", "content": "Yo."}]
+    assert all(r["train_on"] == "last" and r["persona"] == r["messages"][0]["content"] for r in records)
     assert load_records(path) == records  # load_records recognises the layout
     not_persona = tmp_path / "other.csv"
     not_persona.write_text("prompt,completion\nhi,there\n")
     assert load_records(not_persona) == [{"prompt": "hi", "completion": "there"}]
     with pytest.raises(ValueError, match="missing columns"):
         convert_persona_chat(not_persona)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        convert_persona_chat(tmp_path / "nope.csv")
 
 
 def test_convert_real_persona_chat(shared_data, tokenizer):
     path = shared_data / "synthetic-persona-chat" / "test.csv"
     if not path.is_file():
         pytest.skip(f"{path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     records = convert_persona_chat(path)
-    assert len({r["conversation"] for r in records}) > 900
-    for record in records[:200]:
+    spoken = {i for i, row in enumerate(rows) if row["Best Generated Conversation"].strip()}
+    assert {r["conversation"] for r in records} == spoken and len(spoken) > 900  # every conversation yields examples
+    turns = sum(1 for row in rows for line in row["Best Generated Conversation"].splitlines()
+                if re.match(r"^[*\s]*User [12]\s*:", line.strip()))
+    first_turns = len(spoken)  # turn 0 of each conversation gets no record
+    assert 0.95 * (turns - first_turns) <= len(records) <= 1.05 * (turns - first_turns)  # one example per later turn
+    for record in records:
         messages = record["messages"]
         assert messages[0]["role"] == "system" and messages[-1]["role"] == "assistant"
         roles = [m["role"] for m in messages[1:]]
         assert all(a != b for a, b in zip(roles, roles[1:]))  # the speakers alternate
-        assert not any(m["content"].startswith("User ") for m in messages)
+        assert not any(re.match(r"[*\s]*User [12]\s*:", m["content"]) for m in messages)
+        assert all(m["content"] for m in messages)
+    first = rows[0]
+    assert records[0]["messages"][0]["content"] == " ".join(first["user 2 personas"].split("\n"))  # turn 1: User 2
+    assert records[1]["messages"][0]["content"] == " ".join(first["user 1 personas"].split("\n"))
     example = tokenize_example(records[5], tokenizer)
     assert _response_texts(example, tokenizer) == [records[5]["messages"][-1]["content"] + "<|end|>"]
+
+
+def test_template_that_rewrites_earlier_turns_trains_on_the_last_answer(tokenizer):
+    rewriting = copy.deepcopy(tokenizer)  # like templates that drop the reasoning of earlier turns
+    rewriting.chat_template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ '<|assistant|>' + m['content'] | upper + '<|end|>' }}"
+        "{% else %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    with pytest.warns(UserWarning, match="only the final assistant message"):
+        example = tokenize_example(MULTI_TURN, rewriting)
+    assert _response_texts(example, tokenizer) == ["Green, then red.<|end|>"]
+
+
+def test_validate_records_names_the_record():
+    validate_records([{"prompt": "a", "completion": "b"}], "mine")
+    with pytest.raises(ValueError, match=r"mine: record 2 is in no known format.*\['prompt'\]"):
+        validate_records([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "mine")
+    with pytest.raises(ValueError, match=r"mine: line 7 is in no known format.*got keys list"):
+        validate_records([[1, 2]], "mine", lines=[7])
+    with pytest.raises(ValueError, match="record 1: message 1 must be a dict"):
+        validate_records([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}], "m")
+    with pytest.raises(ValueError, match="'nothing' is empty"):
+        validate_records([], "nothing")

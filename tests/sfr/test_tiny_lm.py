@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from sfr.corpus import build_corpus
-from sfr.tiny_lm import DEFAULT_MODEL, build_model, default_model_path, resolve_model_name_or_path
+from sfr.tiny_lm import (
+    DEFAULT_MODEL,
+    VOCAB_SIZE,
+    build_model,
+    build_tokenizer,
+    default_model_path,
+    resolve_model_name_or_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +28,7 @@ def test_default_model_loads_with_auto_classes(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    assert 300_000 <= n_params <= 2_000_000
+    assert 0.9e6 <= n_params <= 1.2e6  # "about 1.0M parameters" (the module docstring)
     assert model.config.vocab_size >= len(tokenizer)
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.eos_token == "<|end|>" and tokenizer.bos_token == "<|bos|>"
     assert json.loads((model_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -49,7 +56,12 @@ def test_default_model_loads_with_auto_classes(model_dir):
 def test_resolve_model_name(model_dir):
     assert resolve_model_name_or_path(None) == str(model_dir)
     assert resolve_model_name_or_path(DEFAULT_MODEL) == str(model_dir)
-    assert resolve_model_name_or_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert resolve_model_name_or_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # a hub id stays as it is
+    local = model_dir.parent / "copy"  # a local directory becomes absolute (it still loads from elsewhere)
+    local.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(model_dir.parent)
+        assert resolve_model_name_or_path("copy") == str(local.resolve())
     with pytest.raises(TypeError, match="model name"):
         resolve_model_name_or_path(3)
 
@@ -58,6 +70,8 @@ def test_cached_build_is_reused_and_init_is_deterministic(model_dir):
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     assert default_model_path() == model_dir
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    first, second = build_tokenizer(), build_tokenizer()  # the BPE training is deterministic
+    assert first.get_vocab() == second.get_vocab() and len(first) <= VOCAB_SIZE
     a, b = build_model(vocab_size=100), build_model(vocab_size=100)
     assert a.config.vocab_size == 128  # padded to a multiple of 64
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
