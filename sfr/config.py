@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, replace
 
 from sfr_kernels.reference import TIME_SAMPLINGS
 
+# Multi-Token Prediction as the degenerate case of SFR (DESIGN.md section 1): x0 = 0 and s = 0, so
+# x_s = 0 and u = y: the head regresses the future embedding from h. One sample suffices (no draws).
+MTP_PRESET = dict(source_std=0.0, time_sampling="zero", num_samples=1)
+
 
 @dataclass
 class SFRConfig:
@@ -51,9 +55,9 @@ class SFRConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     @classmethod
-    def mtp(cls, **overrides) -> "SFRConfig":
-        """Multi-Token Prediction as the degenerate case: deterministic source, s = 0, one sample."""
-        return replace(cls(source_std=0.0, time_sampling="zero", num_samples=1), **overrides)
+    def mtp(cls, **overrides) -> SFRConfig:
+        """Multi-Token Prediction as the degenerate case: :data:`MTP_PRESET` (``overrides`` win)."""
+        return cls(**{**MTP_PRESET, **overrides})
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments of :func:`sfr_kernels.sfr_loss` set by this config."""
@@ -67,3 +71,7 @@ class SFRConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_mtp_preset(self) -> SFRConfig:
+        """This config (head architecture, reduction) with the sampling settings of :data:`MTP_PRESET`."""
+        return replace(self, **MTP_PRESET)

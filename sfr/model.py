@@ -2,20 +2,26 @@
 
 Trainer, DDP, FSDP and DeepSpeed see one module whose ``forward`` returns the training loss::
 
-    H     = decoder(input_ids).last_hidden_state            [B, T, D]  after the final norm
-    L_CE  = sum_{b,t} CE(lm_head(H[b, t]), labels[b, t+1]) / n_tokens        (ignore_index -100)
-    L_SFR = sfr_loss(H, y, head, anchor_index, grad_scale=lambda, reduction="sum") / n_anchors
-    loss  = L_CE + L_SFR
+    H      = decoder(input_ids).last_hidden_state                       [B, T, D]  after the final norm
+    L_CE   = sum_{b,t} CE(lm_head(H[b, t]), labels[b, t+1]) / n_tokens   (labels -100 are ignored)
+    L_SFR  = sfr_loss(H, y, head, anchor_index, grad_scale=lambda, reduction="sum") / n_anchors
+    loss   = L_CE + L_SFR
 
-``n_tokens`` / ``n_anchors`` are the counts of the whole accumulated, all-device batch when the
-trainer passes them (``num_items_in_batch`` / ``num_anchors_in_batch``), so gradient accumulation
-gives the gradients of one large batch; otherwise the counts of this micro-batch (plain means).
-The backbone receives ``lambda * dL_SFR/dH`` and the head always its full gradient; the head runs at
-every step, even at ``lambda = 0``, so DDP never sees unused parameters.
+``n_tokens`` / ``n_anchors`` are the counts (``n_anchors``: the anchor-weight sum when weights are
+given) of the whole accumulated, all-device batch when the trainer passes them
+(``num_items_in_batch`` / ``num_anchors_in_batch``), so ``k`` accumulated micro-batches give the
+gradients of one batch ``k`` times larger; otherwise those of this micro-batch (plain means).
+The backbone receives ``lambda * dL_SFR/dH`` and the head always its full gradient ``dL_SFR/dphi``.
+The head runs at every step, even at ``lambda = 0`` (then on detached states), so DDP never sees
+an unused parameter.
 
-Only ``H`` of the last layer is taken (``last_hidden_state`` of the base model), never the stack of
+Only the last layer's ``H`` is computed (``last_hidden_state`` of the base model), never the stack of
 all layers' hidden states. CE goes through Liger's fused linear cross-entropy on CUDA when
-``liger-kernel`` is installed (logits are never materialised), otherwise ``lm_head`` + shifted CE.
+``liger-kernel`` is installed (the ``[B*T, V]`` logits are never materialised), otherwise
+``lm_head`` + ``F.cross_entropy`` on float32 logits, as transformers does. SFR goes through
+:func:`sfr_kernels.sfr_loss` (the fused Triton kernels on CUDA, the PyTorch reference elsewhere).
+Under DeepSpeed ZeRO-3, which gathers weights only for modules that are called, both take the paths
+that call ``lm_head`` / the head (:func:`zero3_partitioned`).
 
 Saving: :meth:`SFRModel.split_state_dict` separates backbone, head and teacher keys; the trainer
 writes the backbone with ``save_pretrained`` (a plain transformers model) and the head with
@@ -28,7 +34,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ from sfr_kernels import sfr_loss
 OBJECTIVES = ("sft", "sfr", "mtp")
 TARGET_SOURCES = ("precomputed", "ema")
 CE_BACKENDS = ("auto", "liger", "torch")
+LOSS_BACKENDS = ("auto", "triton", "torch")
 HEAD_DIR = "sfr_head"
 HEAD_WEIGHTS = "model.safetensors"
 HEAD_CONFIG = "config.json"
@@ -53,17 +60,15 @@ def objective_config(objective: str, config: SFRConfig | None = None) -> SFRConf
     """The :class:`SFRConfig` an objective trains with: ``None`` for sft, the MTP preset for mtp.
 
     ``mtp`` keeps the head architecture of ``config`` and sets ``source_std=0``,
-    ``time_sampling="zero"``, ``num_samples=1``: the same code path as ``sfr``, so comparisons are
-    controlled.
+    ``time_sampling="zero"``, ``num_samples=1`` (:data:`sfr.config.MTP_PRESET`): the same code path
+    as ``sfr``, so comparisons are controlled.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    config = config or SFRConfig()
     if objective == "sft":
         return None
-    if objective == "mtp":
-        return replace(config, source_std=0.0, time_sampling="zero", num_samples=1)
-    return config
+    config = config or SFRConfig()
+    return config.with_mtp_preset() if objective == "mtp" else config
 
 
 def default_head_width(hidden_size: int, embed_dim: int | None = None) -> int:
@@ -114,24 +119,39 @@ def find_lm_head(backbone: nn.Module) -> nn.Module:
 
 
 def _liger_fused_linear_ce():
+    """Liger's functional fused linear cross-entropy, or None when liger-kernel is not installed.
+
+    The functional API (``liger_kernel.transformers.functional``) is required: it exists in every
+    version that supports ``reduction="sum"`` and ``softcap``; older versions fall back to the
+    standard path rather than silently averaging.
+    """
     try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
-    return LigerFusedLinearCrossEntropyLoss
-
-
-def liger_available() -> bool:
-    return _liger_fused_linear_ce() is not None
+    return liger_fused_linear_cross_entropy
 
 
 def _liger_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda"
+    return torch.device(device).type == "cuda"
+
+
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``module``'s parameters.
+
+    ZeRO-3 gathers a module's parameters only while that module is *called*; kernels that read the
+    weights directly (Liger's fused linear CE reads ``lm_head.weight``, the fused SFR kernels read the
+    head's weights) would see empty shards. Such modules take the paths that call them instead.
+    """
+    return any(hasattr(param, "ds_id") for param in module.parameters())
 
 
 @dataclass
 class SFRModelOutput(ModelOutput):
-    """``loss = ce_loss + sfr_loss`` (``sfr_loss`` is None for sft); counts of this micro-batch."""
+    """``loss = ce_loss + sfr_loss`` (``sfr_loss`` is None for sft) and this micro-batch's counts.
+
+    ``ce_loss`` / ``sfr_loss`` are detached copies of the two (already normalised) terms, for logging.
+    """
 
     loss: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
@@ -144,13 +164,16 @@ class SFRModel(nn.Module):
     """A causal LM (``backbone``) plus the flow head (``head``), optionally an EMA teacher.
 
     Args:
-        backbone: any ``AutoModelForCausalLM`` model.
+        backbone: any ``AutoModelForCausalLM`` model (its base model must expose ``last_hidden_state``).
         head: the :class:`~sfr.FlowHead` (``hidden_size`` = the backbone's D); None for sft.
-        sfr_config: the objective's settings (:meth:`SFRConfig.loss_kwargs`); None for sft.
-        objective: ``"sft"`` | ``"sfr"`` | ``"mtp"`` (recorded; the config carries the MTP preset).
+        sfr_config: the objective's settings (:meth:`SFRConfig.loss_kwargs`); the MTP preset is applied
+            for ``objective="mtp"``; ignored for sft.
+        objective: ``"sft"`` (CE only, no head) | ``"sfr"`` | ``"mtp"``.
         teacher: an :class:`~sfr.ema.EMATeacher` for ``target_source="ema"``; None for precomputed targets.
         ce_backend: ``"auto"`` (Liger fused linear CE on CUDA when installed), ``"liger"`` or ``"torch"``.
         loss_backend: the ``backend`` of :func:`sfr_kernels.sfr_loss` (``"auto"``: Triton on CUDA).
+
+    Use :meth:`from_backbone` to create the head (and teacher) from a backbone and the target size E.
     """
 
     accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch; the loss is already GA-scaled
@@ -163,26 +186,30 @@ class SFRModel(nn.Module):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if ce_backend not in CE_BACKENDS:
             raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {ce_backend!r}")
-        if objective != "sft" and head is None:
-            raise ValueError(f"head: objective {objective!r} needs a FlowHead (only 'sft' trains without one)")
+        if loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {loss_backend!r}")
+        if (objective == "sft") != (head is None):
+            raise ValueError(f"head: objective {objective!r} " + (
+                "trains without a head (pass head=None)" if objective == "sft" else "needs a FlowHead"))
+        if teacher is not None and head is None:
+            raise ValueError("teacher: an EMA teacher needs a head (objective 'sfr' or 'mtp')")
         self.backbone = backbone
-        self.decoder_path = self._decoder_path(backbone)
-        find_lm_head(backbone)  # raises early for a model without an LM head (looked up again per call)
-        hidden_size = self.hidden_size
+        self.decoder_path = self._decoder_path(backbone)  # raises for a model without a reachable base model
+        hidden_size = self.hidden_size  # raises for a model without an LM head
         if head is not None and head.hidden_size != hidden_size:
             raise ValueError(f"head.hidden_size must equal the model's hidden size {hidden_size}, got {head.hidden_size}")
+        if teacher is not None and teacher.projection.shape != (hidden_size, head.embed_dim):
+            raise ValueError(f"teacher: its projection must be [D, E] = [{hidden_size}, {head.embed_dim}], "
+                             f"got {list(teacher.projection.shape)}")
         self.head = head
-        self.sfr_config = sfr_config or (SFRConfig() if head is not None else None)
-        self.objective = objective
         self.teacher = teacher
-        if teacher is not None and head is not None and teacher.projection.shape[-1] != head.embed_dim:
-            raise ValueError(f"teacher projection must map to E={head.embed_dim} (head.embed_dim), "
-                             f"got {tuple(teacher.projection.shape)}")
+        self.objective = objective
+        self.sfr_config = objective_config(objective, sfr_config)
         self.ce_backend = ce_backend
         self.loss_backend = loss_backend
         # FSDP auto-wrapping (accelerate) reads the layer classes to wrap from the root module.
         self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
-        self._warned_liger = False
+        self._warned: set[str] = set()
 
     # ---- construction -------------------------------------------------------------------
     @staticmethod
@@ -197,7 +224,11 @@ class SFRModel(nn.Module):
     def from_backbone(cls, backbone: nn.Module, embed_dim: int | None, *, objective: str = "sfr",
                       sfr_config: SFRConfig | None = None, target_source: str = "precomputed",
                       ema_decay: float = 0.999, projection_seed: int = 0, **kwargs) -> SFRModel:
-        """Attach a fresh head (``E = embed_dim``) and, for ``target_source="ema"``, an EMA teacher."""
+        """Attach a fresh head (``E = embed_dim``) and, for ``target_source="ema"``, an EMA teacher.
+
+        ``kwargs`` (``ce_backend``, ``loss_backend``) go to the constructor. The head is created in
+        float32 whatever the backbone's dtype (it is small; the loss accumulates in float32 anyway).
+        """
         if target_source not in TARGET_SOURCES:
             raise ValueError(f"target_source must be one of {TARGET_SOURCES}, got {target_source!r}")
         config = objective_config(objective, sfr_config)
@@ -206,7 +237,8 @@ class SFRModel(nn.Module):
         if config is not None:
             if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
                 raise ValueError(f"embed_dim must be an int >= 1 for objective {objective!r}, got {embed_dim!r}")
-            head = FlowHead(hidden_size=hidden_size, embed_dim=embed_dim, **config.head_kwargs())
+            device = find_lm_head(backbone).weight.device
+            head = FlowHead(hidden_size=hidden_size, embed_dim=embed_dim, **config.head_kwargs()).to(device)
             if target_source == "ema":
                 from sfr.ema import EMATeacher
 
@@ -219,6 +251,7 @@ class SFRModel(nn.Module):
     # ---- views ----------------------------------------------------------------------------
     @property
     def decoder(self) -> nn.Module:
+        """The backbone's base model (``backbone.model`` for Llama/Qwen), whose output is ``H``."""
         return self.backbone.get_submodule(self.decoder_path)
 
     @property
@@ -228,11 +261,22 @@ class SFRModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        """``D``, the input size of the LM head."""
         return int(find_lm_head(self.backbone).weight.shape[1])
 
     @property
     def target_source(self) -> str:
         return "precomputed" if self.teacher is None else "ema"
+
+    # Activation checkpointing applies to the backbone (the head and the no-grad teacher are small). The
+    # Trainer calls activation_checkpointing_enable (transformers >= 5.2x) or gradient_checkpointing_enable.
+    def activation_checkpointing_enable(self, **kwargs):
+        enable = getattr(self.backbone, "activation_checkpointing_enable", None)
+        (enable or self.backbone.gradient_checkpointing_enable)(**kwargs)
+
+    def activation_checkpointing_disable(self):
+        disable = getattr(self.backbone, "activation_checkpointing_disable", None)
+        (disable or self.backbone.gradient_checkpointing_disable)()
 
     def gradient_checkpointing_enable(self, **kwargs):
         self.backbone.gradient_checkpointing_enable(**kwargs)
@@ -254,77 +298,94 @@ class SFRModel(nn.Module):
             )
         return hidden
 
-    def _use_liger(self, hidden: torch.Tensor) -> bool:
+    def ce_implementation(self, device) -> str:
+        """``"liger"`` or ``"torch"``: the CE path :meth:`ce_sum` takes for tensors on ``device``.
+
+        ``ValueError`` for ``ce_backend="liger"`` where Liger cannot run (not installed, or not CUDA).
+        """
         if self.ce_backend == "torch":
-            return False
-        available = liger_available() and _liger_runs_on(hidden.device)
+            return "torch"
+        available = _liger_fused_linear_ce() is not None and _liger_runs_on(device)
         if self.ce_backend == "liger" and not available:
-            raise RuntimeError("ce_backend='liger' needs liger-kernel installed and CUDA tensors")
-        if available and getattr(self.config, "logit_scale", None) not in (None, 1, 1.0):
-            if not self._warned_liger:
-                warnings.warn("model config has logit_scale: using the standard CE path instead of Liger's", stacklevel=2)
-                self._warned_liger = True
-            return False
-        return available
+            raise ValueError("ce_backend='liger' needs liger-kernel installed and the model on a CUDA device")
+        if not available:
+            return "torch"
+        reason = None
+        if getattr(self.config, "logit_scale", None) not in (None, 1, 1.0):
+            reason = "the model config has a logit_scale, which Liger's kernel does not apply"
+        elif zero3_partitioned(find_lm_head(self.backbone)):
+            reason = "DeepSpeed ZeRO-3 partitions lm_head, whose weight Liger reads directly"
+        if reason is None:
+            return "liger"
+        self._warn_once(f"CE: using lm_head + CE instead of Liger's fused linear CE: {reason}")
+        return "torch"
+
+    def sfr_backend(self) -> str:
+        """The ``backend`` :func:`sfr_kernels.sfr_loss` gets: ``loss_backend``, or ``"torch"`` under ZeRO-3."""
+        if self.loss_backend != "torch" and zero3_partitioned(self.head):
+            self._warn_once("SFR: using the PyTorch reference instead of the fused kernels: DeepSpeed ZeRO-3 "
+                            "partitions the head, whose weights the kernels read directly")
+            return "torch"
+        return self.loss_backend
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            warnings.warn(message, stacklevel=3)
+            self._warned.add(message)
 
     def ce_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token CE over labelled positions and their count (``labels[:, 1:] != -100``).
+        """Summed next-token CE over the labelled positions, and their count.
 
-        ``sum_{b, t < T-1} CE(lm_head(H[b, t]), labels[b, t+1])``; float32 0-dim tensors.
+        ``sum_{b, t : labels[b, t+1] != -100} CE(lm_head(H[b, t]), labels[b, t+1])`` as a float32 0-dim
+        tensor, and the count as an int64 0-dim tensor. The labels are shifted (left, padded with -100)
+        rather than the states, so no copy of ``H`` is made.
         """
         lm_head = find_lm_head(self.backbone)
-        shift_hidden = hidden[:, :-1, :]
-        shift_labels = labels[:, 1:].to(hidden.device)
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device).reshape(-1)  # [B*T]
         count = shift_labels.ne(IGNORE_INDEX).sum()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
         softcap = getattr(self.config, "final_logit_softcapping", None)
-        if self._use_liger(hidden):
-            LigerCE = _liger_fused_linear_ce()
-            kwargs = {"softcap": softcap} if softcap else {}
-            loss_fn = LigerCE(ignore_index=IGNORE_INDEX, reduction="sum", **kwargs)
-            total = loss_fn(lm_head.weight, shift_hidden.reshape(-1, hidden.shape[-1]),
-                            shift_labels.reshape(-1), getattr(lm_head, "bias", None))
-            if isinstance(total, tuple):  # versions that also return the z-loss
-                total = total[0]
-            return total.float(), count
-        logits = lm_head(shift_hidden).float()
+        if self.ce_implementation(hidden.device) == "liger":
+            out = _liger_fused_linear_ce()(flat, lm_head.weight, shift_labels, bias=getattr(lm_head, "bias", None),
+                                           ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap or None)
+            out = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)  # versions also returning z-loss
+            return out.float(), count
+        logits = lm_head(flat).float()  # [B*T, V]
         logit_scale = getattr(self.config, "logit_scale", None)
         if logit_scale not in (None, 1, 1.0):
             logits = logits * logit_scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="sum")
-        return total, count
+        return F.cross_entropy(logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"), count
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, anchor_index=None, anchor_targets=None,
                 anchor_segment_end=None, anchor_weight=None, *, sfr_lambda: float = 1.0, sfr_seed=0,
                 num_items_in_batch=None, num_anchors_in_batch=None, sfr_noise=None, sfr_time=None,
                 **model_kwargs) -> SFRModelOutput:
-        """CE + SFR on one micro-batch.
+        """CE + SFR on one micro-batch (see the module docstring for the formulas).
 
         Args:
             input_ids, attention_mask: ``[B, T]``; other base-model kwargs (``position_ids``) pass through.
             labels: ``[B, T]`` with -100 on non-target tokens (shifted inside, as HF causal LMs do).
             anchor_index: int64 ``[N]`` flat anchor positions ``b*T + t``.
             anchor_targets: ``[N, E]`` precomputed targets (ignored with an EMA teacher).
-            anchor_segment_end: int64 ``[N]`` flat exclusive segment ends (EMA targets only).
-            anchor_weight: optional ``[N]`` non-negative anchor weights.
+            anchor_segment_end: int64 ``[N]`` flat exclusive segment ends ``b*T + end`` (EMA targets only).
+            anchor_weight: optional ``[N]`` non-negative anchor weights ``w_a``.
             sfr_lambda: ``lambda``, the scale of the SFR gradient into the backbone (0 in phase A).
             sfr_seed: int or 0-dim int64 tensor, the Philox seed of this micro-batch's draws.
-            num_items_in_batch: token count that the summed CE is divided by (default: this micro-batch's).
-            num_anchors_in_batch: anchor count (or weight sum) the summed SFR loss is divided by.
+            num_items_in_batch: the token count the summed CE is divided by (default: this micro-batch's).
+            num_anchors_in_batch: the anchor count (or weight sum) the summed SFR loss is divided by.
             sfr_noise, sfr_time: explicit ``x0 [N, M, E]`` / ``s [N, M]`` (tests, diagnostics).
         """
         if labels is None:
             raise ValueError("labels are required: SFRModel computes the training loss")
-        for key in ("return_dict", "output_hidden_states", "output_attentions"):
+        for key in ("return_dict", "output_hidden_states", "output_attentions", "use_cache"):
             model_kwargs.pop(key, None)
         hidden = self.final_hidden_states(input_ids, attention_mask, **model_kwargs)
 
         ce_total, num_tokens = self.ce_sum(hidden, labels)
-        ce_divisor = num_tokens if num_items_in_batch is None else num_items_in_batch
-        ce = ce_total / _at_least_one(ce_divisor, ce_total)
-        if self.objective == "sft" or self.head is None:
+        ce = ce_total / _divisor(num_tokens if num_items_in_batch is None else num_items_in_batch, ce_total)
+        if self.head is None:
             return SFRModelOutput(loss=ce, ce_loss=ce.detach(), num_tokens=num_tokens)
 
         if anchor_index is None:
@@ -338,19 +399,16 @@ class SFRModel(nn.Module):
         elif anchor_targets is None:
             raise ValueError("anchor_targets are required with precomputed targets (prepare the data with `sfr prepare`)")
         else:
-            targets = anchor_targets
-        head_dtype = next(self.head.parameters()).dtype
-        targets = targets.to(device=hidden.device, dtype=head_dtype)
-        weight = None if anchor_weight is None else anchor_weight.to(device=hidden.device, dtype=head_dtype)
-        loss_kwargs = self.sfr_config.loss_kwargs()
-        loss_kwargs["reduction"] = "sum"
+            targets = anchor_targets.to(hidden.device)  # float32: sfr_loss accumulates in float32 anyway
+        weight = None if anchor_weight is None else anchor_weight.to(device=hidden.device, dtype=torch.float32)
+        loss_kwargs = {**self.sfr_config.loss_kwargs(), "reduction": "sum"}  # normalised below, GA-exact
         sfr_total = sfr_loss(hidden, targets, self.head, anchor_index=anchor_index, seed=sfr_seed,
                              noise=sfr_noise, time=sfr_time, weight=weight, grad_scale=float(sfr_lambda),
-                             backend=self.loss_backend, **loss_kwargs)
+                             backend=self.sfr_backend(), **loss_kwargs)
         num_anchors = anchor_index.shape[0]
         if num_anchors_in_batch is None:
             num_anchors_in_batch = weight.sum() if weight is not None else num_anchors
-        sfr = sfr_total / _at_least_one(num_anchors_in_batch, sfr_total)
+        sfr = sfr_total / _divisor(num_anchors_in_batch, sfr_total)
         return SFRModelOutput(loss=ce + sfr, ce_loss=ce.detach(), sfr_loss=sfr.detach(), num_tokens=num_tokens,
                               num_anchors=num_anchors)
 
@@ -370,12 +428,29 @@ class SFRModel(nn.Module):
         """What :func:`save_flow_head` records next to the head's weights."""
         return {"objective": self.objective, "target_source": self.target_source}
 
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs) -> None:
+        """Write the backbone as a plain transformers model and the head to ``save_directory/sfr_head/``.
 
-def _at_least_one(count, like: torch.Tensor) -> torch.Tensor:
-    """A count as a float tensor on ``like``'s device, clamped to >= 1 (an empty batch sums to 0)."""
-    if not isinstance(count, torch.Tensor):
-        return torch.tensor(max(float(count), 1.0), dtype=torch.float32, device=like.device)
-    return count.to(device=like.device, dtype=torch.float32).clamp(min=1.0)
+        ``save_directory`` then loads with ``AutoModelForCausalLM.from_pretrained`` (no head or teacher
+        keys) and :func:`load_flow_head`. ``state_dict`` (a full SFRModel state dict, e.g. gathered
+        from FSDP/DeepSpeed) defaults to this module's; ``kwargs`` go to the backbone's ``save_pretrained``.
+        The EMA teacher is not saved: it is training state (the trainer keeps it in checkpoints).
+        """
+        parts = self.split_state_dict(state_dict if state_dict is not None else self.state_dict())
+        self.backbone.save_pretrained(save_directory, state_dict=parts["backbone"], **kwargs)
+        if self.head is not None:
+            save_flow_head(self.head, Path(save_directory) / HEAD_DIR, self.sfr_config,
+                           metadata=self.head_metadata(), state_dict=parts["head"])
+
+
+def _divisor(count, like: torch.Tensor) -> torch.Tensor:
+    """``count`` as a float32 tensor on ``like``'s device, 1 where it is 0 (an empty batch sums to 0).
+
+    Not clamped to >= 1: an all-device count divided by the world size, or an anchor-weight sum, may
+    legitimately lie in (0, 1). Computed without a host sync.
+    """
+    count = torch.as_tensor(count, dtype=torch.float32, device=like.device)
+    return torch.where(count > 0, count, torch.ones_like(count))
 
 
 # ---- the head on disk ----------------------------------------------------------------------------

@@ -14,9 +14,11 @@ import sys
 import typing
 from pathlib import Path
 
+DEFAULT_OUTPUT_DIR = "sfr-output"
 EPILOG = """\
 examples:
-  sfr train --output-dir runs/tiny                          # embedded tiny LM + persona corpus, CPU, minutes
+  sfr train --output-dir runs/tiny                          # embedded tiny LM + persona corpus, CPU, < 1 min
+  sfr train                                                 # the same, writing to ./sfr-output
   sfr train --output-dir runs/sft --objective sft           # the plain fine-tuning baseline
   sfr train --output-dir runs/q --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl \\
             --bf16 --per-device-train-batch-size 8 --max-steps 2000 --lambda-max 0.5
@@ -25,7 +27,8 @@ examples:
 
 phases: lambda = 0 for --phase-a-steps (the head learns alone), then a linear ramp to --lambda-max over
 --ramp-steps. Output: a plain transformers model in OUTPUT_DIR (loads with from_pretrained), the flow head
-in OUTPUT_DIR/sfr_head/, checkpoints OUTPUT_DIR/checkpoint-N/ (with head, optimizer and schedule state).
+in OUTPUT_DIR/sfr_head/, checkpoints OUTPUT_DIR/checkpoint-N/ (with the head, the EMA teacher, optimizer,
+scheduler and RNG state, so --resume-from-checkpoint continues exactly).
 """
 
 
@@ -45,9 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "final hidden state learns the distribution of the future text's sentence embedding), or plain SFT / the "
         "MTP preset with the same code path. Without --model/--data it trains the embedded tiny LM on the embedded "
         "persona corpus on the CPU in a few minutes. Every TrainingArguments option is accepted as well.")
-    parser.epilog = EPILOG
+    from sfr.trainer import TINY_DEFAULTS
+
+    parser.epilog = EPILOG + ("\nwithout --model, unset options take the embedded run's values: "
+                              + ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS.items()) + "\n")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.usage = ("sfr train --output-dir DIR [--config FILE.yaml] [--model NAME_OR_PATH] [--data PATH] "
+    parser.usage = ("sfr train [--output-dir DIR] [--config FILE.yaml] [--model NAME_OR_PATH] [--data PATH] "
                     "[--objective {sfr,sft,mtp}] [--max-steps N] [--save-steps N] "
                     "[--resume-from-checkpoint PATH|latest] [SFR and TrainingArguments options]")
     from transformers import TrainingArguments
@@ -63,13 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f.type = hints[f.name]  # the resolved annotation, as HfArgumentParser itself does
         group = trainer_group if f.name in base_fields and f.name != "output_dir" else sfr_group
         HfArgumentParser._parse_dataclass_field(group, f)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     for action in parser._actions[before:]:
+        if action.dest == "output_dir":
+            action.help = f"where the model, sfr_head/ and checkpoints are written (default: ./{DEFAULT_OUTPUT_DIR})"
+        elif action.dest in defaults and action.help and "default" not in action.help.lower():
+            action.help += f" (default: {defaults[action.dest]})"
         # Only flags given on the command line reach main(): they override the YAML file and the tiny defaults.
         action.default = argparse.SUPPRESS
         action.required = False
-    for action in parser._actions[before:]:
-        if action.dest == "output_dir":
-            action.help = "where the model, sfr_head/ and checkpoints are written (required)"
 
 
 def _coerce(key: str, value, annotation):
@@ -113,21 +121,27 @@ def build_arguments(values: dict):
     from sfr.trainer import TINY_DEFAULTS, SFRTrainingArguments
 
     values = dict(values)
-    if not values.get("output_dir"):
-        raise ValueError("--output-dir is required (where the model, sfr_head/ and checkpoints go)")
+    if not values.get("output_dir"):  # `sfr train` with no arguments at all trains the embedded default
+        values["output_dir"] = DEFAULT_OUTPUT_DIR
     if values.get("model") in (None, DEFAULT_MODEL):
         values = {**TINY_DEFAULTS, **values}
     return SFRTrainingArguments(**values)
 
 
 def _summary(result, wall_s: float) -> str:
+    """A few lines for the end of a run: steps and time, first -> last logged losses, where things went."""
     metrics = result.metrics
-    steps = next((h.get("step") for h in reversed(result.log_history) if "step" in h), None)
-    lines = [f"sfr train: {steps} steps in {wall_s:.1f} s"]
-    final = ", ".join(f"{k[len('final_'):]}={metrics[k]:.4g}" for k in
-                      ("final_loss", "final_ce_loss", "final_sfr_loss", "final_sfr_lambda") if k in metrics)
-    if final:
-        lines.append(f"  last logged: {final}")
+    logged = [h for h in result.log_history if "loss" in h]
+    steps = logged[-1]["step"] if logged else None
+    training = f", training {metrics['train_wall_s']:.1f} s" if "train_wall_s" in metrics else ""
+    lines = [f"sfr train: {steps} steps in {wall_s:.1f} s (loading and preparing data included{training})"]
+    if logged:
+        first, last = logged[0], logged[-1]
+        trends = [f"{name} {first[name]:.4g} -> {last[name]:.4g}" for name in ("loss", "ce_loss", "sfr_loss")
+                  if name in first and name in last]
+        if "sfr_lambda" in last:
+            trends.append(f"sfr_lambda {last['sfr_lambda']:.4g}")
+        lines.append(f"  logged (first -> last): {', '.join(trends)}")
     lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
     if (Path(result.output_dir) / "sfr_head").is_dir():
         lines.append(f"  flow head: {Path(result.output_dir) / 'sfr_head'} (sfr diagnose --model {result.output_dir})")

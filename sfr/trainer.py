@@ -7,10 +7,15 @@
   accumulated micro-batches give the gradients of one batch ``k`` times larger;
 * the lambda schedule and the per-micro-batch Philox seeds, both pure functions of
   ``(seed, global_step, micro_step, rank)`` (:mod:`sfr.schedule`), hence resume-safe;
+* gradient clipping of the backbone and the head separately, so that in phase A the backbone's
+  update is exactly SFT's;
 * ``ce_loss``, ``sfr_loss`` and ``sfr_lambda`` in the logs (averaged over ranks and logging steps);
 * saving: a checkpoint or the final output holds the backbone as a plain transformers model
-  (``save_pretrained``), the head in ``sfr_head/`` and (checkpoints only) the EMA teacher in
-  ``sfr_teacher/``; resuming restores all three plus optimizer, scheduler and RNG state.
+  (``save_pretrained``) and the head in ``sfr_head/``; checkpoints also hold the EMA teacher in
+  ``sfr_teacher/`` next to the optimizer, scheduler and RNG state, and resuming restores all of them.
+
+:func:`train` is the Python API behind ``sfr train``: load (or take) a model and data, check every
+input, train, save, and return a :class:`TrainResult`.
 """
 from __future__ import annotations
 
@@ -28,15 +33,19 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from sfr.config import SFRConfig
 from sfr.model import (
+    CE_BACKENDS,
     HEAD_DIR,
     HEAD_WEIGHTS,
+    LOSS_BACKENDS,
     OBJECTIVES,
     TARGET_SOURCES,
     SFRModel,
     default_head_width,
-    save_flow_head,
+    find_decoder,
+    find_lm_head,
 )
 from sfr.schedule import device_seed, sfr_lambda
+from sfr.targets import SEGMENT_MODES
 from sfr_kernels.reference import TIME_SAMPLINGS
 
 logger = logging.getLogger(__name__)
@@ -102,12 +111,15 @@ class SFRTrainingArguments(TrainingArguments):
     segment_tokens: int = field(default=32, metadata={"help": "K: tokens of an anchor's future segment (preparing raw data)"})
     anchor_stride: int = field(default=8, metadata={"help": "S: an anchor every S response tokens (preparing raw data)"})
     min_segment_tokens: int = field(default=4, metadata={"help": "m: shorter segments are dropped (preparing raw data)"})
-    segment_mode: str = field(default="window", metadata={"choices": ("window", "sentence"), "help": "window (K tokens) or sentence (up to the sentence end)"})
-    ce_backend: str = field(default="auto", metadata={"choices": ("auto", "liger", "torch"), "help": (
+    segment_mode: str = field(default="window", metadata={"choices": SEGMENT_MODES, "help": (
+        "window (K tokens) or sentence (up to the sentence end, at most K tokens) (preparing raw data)")})
+    ce_backend: str = field(default="auto", metadata={"choices": CE_BACKENDS, "help": (
         "auto (Liger fused linear CE on CUDA when installed, else lm_head + CE), liger or torch")})
-    loss_backend: str = field(default="auto", metadata={"choices": ("auto", "triton", "torch"), "help": "sfr_loss backend: auto (Triton on CUDA), triton or torch"})
+    loss_backend: str = field(default="auto", metadata={"choices": LOSS_BACKENDS, "help": (
+        "sfr_loss backend: auto (Triton on CUDA, PyTorch reference elsewhere), triton or torch")})
     attn_implementation: str | None = field(default=None, metadata={"help": (
-        "attention of the loaded model; unset = flash_attention_2 when installed on CUDA, else sdpa")})
+        "attention of the loaded model; unset = flash_attention_2 when flash-attn is installed, CUDA is up "
+        "and training is in bf16/fp16, else sdpa")})
 
     # Defaults that differ from TrainingArguments'.
     logging_steps: float = field(default=10, metadata={"help": "log every N optimizer steps"})
@@ -128,11 +140,16 @@ class SFRTrainingArguments(TrainingArguments):
             raise ValueError(f"lambda_max must be >= 0, got {self.lambda_max}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.ce_backend not in ("auto", "liger", "torch"):
-            raise ValueError(f"ce_backend must be auto, liger or torch, got {self.ce_backend!r}")
-        if self.loss_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"loss_backend must be auto, triton or torch, got {self.loss_backend!r}")
+        if self.ce_backend not in CE_BACKENDS:
+            raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {self.ce_backend!r}")
+        if self.loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
         self.sfr_config(hidden_size=64)  # validates the head/objective fields now, not at step 1
+        if self.ddp_find_unused_parameters is None:
+            # Every parameter gets a gradient at every step (the head runs even at lambda = 0), so DDP
+            # needs no search for unused ones (which costs a graph traversal and breaks reentrant
+            # gradient checkpointing). Pass --ddp-find-unused-parameters true for a backbone that has some.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
 
     def sfr_config(self, hidden_size: int, embed_dim: int | None = None) -> SFRConfig:
@@ -144,6 +161,7 @@ class SFRTrainingArguments(TrainingArguments):
                          reduction="sum")
 
     def lambda_at(self, step: int) -> float:
+        """``lambda`` at optimizer step ``step`` (0-based): :func:`sfr.schedule.sfr_lambda` of these arguments."""
         return sfr_lambda(step, self.phase_a_steps, self.ramp_steps, self.lambda_max)
 
     @classmethod
@@ -183,21 +201,25 @@ class SFRTrainer(Trainer):
                              "launch with torchrun or accelerate launch (DDP/FSDP/DeepSpeed), one process per GPU")
         if self.args.load_best_model_at_end:
             raise ValueError("load_best_model_at_end is not supported by SFRTrainer")
+        if self.args.label_smoothing_factor or self.compute_loss_func is not None:
+            raise ValueError("SFRTrainer computes CE + SFR inside SFRModel.forward: label_smoothing_factor and "
+                             "compute_loss_func are not supported")
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
         self._micro_step = 0
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
         self._last_lambda = 0.0
-        self.save_training_state = True  # teacher weights in saves; False for the final output
 
     # ---- counts of the accumulated batch -------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
-        """The micro-batches of one optimizer step and their labelled-token count.
+        """The micro-batches of one optimizer step, and the token count that CE is divided by.
 
-        Also counts their anchors (or anchor-weight sum). Both counts are summed over all ranks and
-        divided by the number of processes: DDP averages gradients over ranks, so a rank's summed loss
-        divided by ``count / world`` yields exactly the gradient of the all-device mean.
+        Also stores the anchor count (or anchor-weight sum) that SFR is divided by. Both are summed
+        over the micro-batches and all ranks, then divided by the number of processes: DDP averages
+        gradients over ranks, so a rank's summed loss divided by ``count / world`` gives exactly the
+        gradient of the all-device mean. (This replaces the Trainer's own token count, which depends on
+        ``average_tokens_across_devices``; here the division is always by the all-device count.)
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         self._micro_step = 0
@@ -205,21 +227,19 @@ class SFRTrainer(Trainer):
         if not batch_samples:
             self._num_anchors_in_batch = None
             return batch_samples, None
-        device = self.args.device
-        tokens = torch.zeros((), dtype=torch.float32, device=device)
-        anchors = torch.zeros((), dtype=torch.float32, device=device)
+        counts = torch.zeros(2, dtype=torch.float32, device=self.args.device)  # [tokens, anchors]
         for batch in batch_samples:
-            tokens = tokens + batch["labels"][..., 1:].ne(-100).sum().to(device)
+            counts[0] += batch["labels"][..., 1:].ne(-100).sum().to(counts.device)
             if batch.get("anchor_weight") is not None:
-                anchors = anchors + batch["anchor_weight"].sum().to(device=device, dtype=torch.float32)
+                counts[1] += batch["anchor_weight"].sum().to(device=counts.device, dtype=torch.float32)
             elif batch.get("anchor_index") is not None:
-                anchors = anchors + batch["anchor_index"].shape[0]
+                counts[1] += batch["anchor_index"].shape[0]
         world = self.accelerator.num_processes
         if world > 1:
-            tokens = self.accelerator.gather(tokens.reshape(1)).sum()
-            anchors = self.accelerator.gather(anchors.reshape(1)).sum()
-        self._num_anchors_in_batch = anchors / world
-        return batch_samples, tokens / world
+            counts = self.accelerator.gather(counts.reshape(1, 2)).sum(0)  # one collective for both counts
+        counts = counts / world
+        self._num_anchors_in_batch = counts[1]
+        return batch_samples, counts[0]
 
     # ---- gradient clipping -------------------------------------------------------------------------
     def _clip_grad_norm(self, model):
@@ -243,6 +263,12 @@ class SFRTrainer(Trainer):
 
     # ---- loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One micro-batch's ``L_CE + L_SFR`` at ``lambda = lambda_at(global_step)``.
+
+        The Philox seed is ``step_seed(seed, global_step, micro_step, rank)`` (:mod:`sfr.schedule`), a
+        0-dim int64 tensor made on the device. In training the losses are divided by the counts of the
+        accumulated, all-device batch (:meth:`get_batch_samples`); in evaluation by this batch's.
+        """
         step = int(self.state.global_step)
         lam = self.args.lambda_at(step)
         training = model.training
@@ -276,39 +302,44 @@ class SFRTrainer(Trainer):
 
     # ---- saving and loading -----------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Backbone via ``save_pretrained`` (no head keys), head to ``sfr_head/``, teacher to ``sfr_teacher/``."""
+        """The backbone via ``save_pretrained`` (a plain transformers model, no head keys), the head to ``sfr_head/``."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model = _unwrap(self.accelerator.unwrap_model(self.model))
-        if state_dict is None:
-            state_dict = model.state_dict()
-        parts = SFRModel.split_state_dict(state_dict)
-        model.backbone.save_pretrained(output_dir, state_dict=parts["backbone"])
-        if model.head is not None:
-            save_flow_head(model.head, Path(output_dir) / HEAD_DIR, model.sfr_config,
-                           metadata=model.head_metadata(), state_dict=parts["head"])
-        if model.teacher is not None and self.save_training_state:
-            from safetensors.torch import save_file
-
-            teacher_dir = Path(output_dir) / TEACHER_DIR
-            teacher_dir.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in parts["teacher"].items()}
-            save_file(_untie(tensors), str(teacher_dir / TEACHER_WEIGHTS), metadata={"format": "pt"})
+        _unwrap(self.accelerator.unwrap_model(self.model)).save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Checkpoints only: the Trainer's optimizer/scheduler state plus the EMA teacher (``sfr_teacher/``).
+
+        The teacher is training state, like the optimizer: the final model does not need it. FSDP and
+        DeepSpeed save the whole module (teacher included) in their own checkpoint files.
+        """
+        super()._save_optimizer_and_scheduler(output_dir)
+        model = _unwrap(self.accelerator.unwrap_model(self.model))
+        if model.teacher is None or not self.args.should_save or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return
+        from safetensors.torch import save_file
+
+        teacher_dir = Path(output_dir) / TEACHER_DIR
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.teacher.state_dict().items()}
+        save_file(_untie(tensors), str(teacher_dir / TEACHER_WEIGHTS), metadata={"format": "pt"})
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore backbone, head and teacher weights from a checkpoint written by :meth:`_save`."""
+        """Restore backbone, head and teacher weights from a checkpoint written by this trainer.
+
+        Under FSDP the Trainer restores the whole wrapped module from its own FSDP checkpoint files.
+        """
         from safetensors.torch import load_file
 
-        wrapper = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
         if self.is_fsdp_enabled:
-            super()._load_from_checkpoint(resume_from_checkpoint, model=wrapper.backbone)
-        else:
-            _load_backbone(wrapper.backbone, resume_from_checkpoint)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        wrapper = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
+        _load_backbone(wrapper.backbone, resume_from_checkpoint)
         if wrapper.head is not None:
             head_file = Path(resume_from_checkpoint) / HEAD_DIR / HEAD_WEIGHTS
             if not head_file.is_file():
@@ -360,7 +391,11 @@ def _load_backbone(backbone: torch.nn.Module, folder: str) -> None:
 # ---- the Python API -------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: where the model went, the Trainer's log history, final metrics."""
+    """What :func:`train` returns: where the model went, the Trainer's log history, final metrics.
+
+    ``metrics`` holds the Trainer's ``train_*`` metrics, ``train_wall_s`` and the last logged
+    ``final_loss`` / ``final_ce_loss`` / ``final_sfr_loss`` / ``final_sfr_lambda``.
+    """
 
     output_dir: str
     log_history: list[dict]
@@ -385,17 +420,15 @@ def resolve_checkpoint(value: str | None, output_dir: str | None) -> str | None:
     return str(value)
 
 
-def attention_implementation(requested: str | None = None) -> str:
-    """``requested``, else flash_attention_2 when ``flash_attn`` is installed and CUDA is up, else sdpa."""
+def attention_implementation(requested: str | None = None, half_precision: bool = False) -> str:
+    """``requested``; else ``flash_attention_2`` when flash-attn 2 is installed, CUDA is up and training runs
+    in bf16/fp16 (its kernels have no float32 path); else ``sdpa``."""
     if requested:
         return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+    from transformers.utils import is_flash_attn_2_available
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if half_precision and torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
     return "sdpa"
 
 
@@ -408,18 +441,7 @@ def load_model_and_tokenizer(name: str | None, attn_implementation: str | None =
     path = resolve_model_name_or_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention_implementation(attn_implementation))
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"model: the tokenizer of {name!r} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def _head_embed_dim_in_checkpoint(checkpoint: str) -> int | None:
-    config = Path(checkpoint) / HEAD_DIR / "config.json"
-    if not config.is_file():
-        return None
-    return int(json.loads(config.read_text())["head"]["embed_dim"])
 
 
 def _say(message: str) -> None:
@@ -431,59 +453,75 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
 
     Args:
         args: the arguments (``args.model`` / ``args.data`` are used when ``model`` / ``data`` are None).
-        model: None (load ``args.model``), a causal LM (``PreTrainedModel``) or a ready :class:`SFRModel`.
-        data: None (``args.data``, default: the embedded persona corpus), a path (raw chat data, prepared and
-            cached with :func:`sfr.targets.prepare`, or a prepared directory) or a prepared ``datasets.Dataset``.
-        tokenizer: the tokenizer when ``model`` is an object (default: loaded from ``args.model``).
+        model: None (load ``args.model``; unset = the embedded tiny LM), a name or path, a causal LM
+            (``PreTrainedModel``) or a ready :class:`SFRModel` (its objective and target source must
+            match ``args``).
+        data: None (``args.data``; unset = the embedded persona corpus), a path (raw chat data, prepared
+            and cached with :func:`sfr.targets.prepare`, or a directory written by ``sfr prepare``) or a
+            prepared ``datasets.Dataset``.
+        tokenizer: the tokenizer (default: loaded with the model, or from ``args.model`` / the model's
+            ``name_or_path`` for a model object).
         callbacks: extra ``TrainerCallback`` objects.
 
     Returns:
         :class:`TrainResult` with ``output_dir``, the Trainer's ``log_history`` and the final metrics.
 
-    Every check that can fail (objective, checkpoint, model layout, target dimension) runs before the first
-    training step.
+    Every check that can fail (arguments, checkpoint, model layout, tokenizer, target dimension) runs
+    before the first training step, the cheap ones before any data is prepared.
     """
     if not isinstance(args, SFRTrainingArguments):
         raise TypeError(f"args must be SFRTrainingArguments, got {type(args).__name__}")
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    saved_dim = _head_embed_dim_in_checkpoint(checkpoint) if checkpoint else None
+    if checkpoint and args.objective != "sft" and saved_dim is None:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} has no {HEAD_DIR}/ (was it written by an sft run?)")
 
-    if model is None or isinstance(model, str):
-        tokenizer_source = model if model is not None else args.model  # None = the embedded tiny LM
-        backbone, loaded_tokenizer = load_model_and_tokenizer(tokenizer_source, args.attn_implementation)
+    from sfr.tiny_lm import DEFAULT_MODEL, resolve_model_name_or_path
+
+    embedded = False  # the embedded tiny LM, loaded here
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model_name = model if model is not None else args.model
+        embedded = model_name in (None, DEFAULT_MODEL)
+        attn = attention_implementation(args.attn_implementation, half_precision=args.bf16 or args.fp16)
+        backbone, loaded_tokenizer = load_model_and_tokenizer(model_name, attn)
+        tokenizer_source = model_name  # None = the embedded tiny LM, as sfr prepare understands it
         tokenizer = tokenizer or loaded_tokenizer
     else:
         backbone = model.backbone if isinstance(model, SFRModel) else model
-        tokenizer_source = args.model or getattr(backbone, "name_or_path", None) or None
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            from sfr.tiny_lm import resolve_model_name_or_path
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path(tokenizer_source))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_name_or_path(args.model or getattr(backbone, "name_or_path", None) or None))
+        tokenizer_source = getattr(tokenizer, "name_or_path", None) or args.model
+    if isinstance(model, SFRModel):
+        if model.objective != args.objective or model.target_source != args.target_source:
+            raise ValueError(f"model: the given SFRModel trains objective={model.objective!r} with "
+                             f"target_source={model.target_source!r}, args say {args.objective!r} / {args.target_source!r}")
+    else:
+        find_decoder(backbone)  # the final hidden states must be reachable: fail before preparing data
+    find_lm_head(backbone)
+    _check_tokenizer(tokenizer, backbone)
 
     dataset, embed_dim = load_training_data(args, tokenizer_source, data)
-
-    if isinstance(model, SFRModel):
-        sfr_model = model
-        if sfr_model.objective != args.objective:
-            raise ValueError(f"objective {args.objective!r} differs from the given SFRModel's {sfr_model.objective!r}")
-    else:
-        sfr_model = SFRModel.from_backbone(
-            backbone, embed_dim, objective=args.objective, sfr_config=args.sfr_config(_hidden_size(backbone), embed_dim),
-            target_source=args.target_source, ema_decay=args.ema_decay, projection_seed=args.projection_seed,
-            ce_backend=args.ce_backend, loss_backend=args.loss_backend)
-    if sfr_model.head is not None:
+    if args.objective != "sft":
         if embed_dim is None:
             raise ValueError(f"data: objective {args.objective!r} needs prepared targets (anchor_targets), found none")
-        if sfr_model.head.embed_dim != embed_dim:
-            raise ValueError(f"data: the prepared targets have E={embed_dim} but the flow head expects "
-                             f"E={sfr_model.head.embed_dim} (prepare the data with the head's encoder)")
-        saved_dim = _head_embed_dim_in_checkpoint(checkpoint) if checkpoint else None
         if saved_dim is not None and saved_dim != embed_dim:
             raise ValueError(f"resume_from_checkpoint: {checkpoint} holds a head with E={saved_dim}, "
                              f"the data has E={embed_dim}")
+
+    if isinstance(model, SFRModel):
+        sfr_model = model
+    else:
+        sfr_model = SFRModel.from_backbone(
+            backbone, embed_dim, objective=args.objective,
+            sfr_config=args.sfr_config(find_lm_head(backbone).weight.shape[1], embed_dim),
+            target_source=args.target_source, ema_decay=args.ema_decay, projection_seed=args.projection_seed,
+            ce_backend=args.ce_backend, loss_backend=args.loss_backend)
+    if sfr_model.head is not None and sfr_model.head.embed_dim != embed_dim:
+        raise ValueError(f"data: the prepared targets have E={embed_dim} but the flow head expects "
+                         f"E={sfr_model.head.embed_dim} (prepare the data with the head's encoder)")
 
     from sfr.collator import SFRDataCollator
 
@@ -493,20 +531,29 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
         extra.append(EMAUpdateCallback())
     trainer = SFRTrainer(model=sfr_model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=tokenizer, callbacks=extra)
-    device = args.device
     attn = getattr(backbone.config, "_attn_implementation", None) or "default"
-    ce_path = "liger fused linear CE" if sfr_model._use_liger(torch.empty(0, device=device)) else "lm_head + CE"
-    _say(f"objective={args.objective} target_source={args.target_source} device={device} attention={attn} "
+    ce_path = {"liger": "liger fused linear CE", "torch": "lm_head + CE"}[sfr_model.ce_implementation(args.device)]
+    head = sfr_model.head
+    _say(f"objective={args.objective} target_source={sfr_model.target_source} device={args.device} attention={attn} "
          f"ce={ce_path} examples={len(dataset)}"
-         + (f" head={sum(p.numel() for p in sfr_model.head.parameters()):,} params (E={embed_dim})"
-            if sfr_model.head is not None else ""))
+         + (f" head={sum(p.numel() for p in head.parameters()):,} params (E={embed_dim}, width={head.width})"
+            if head is not None else ""))
     if checkpoint:
         _say(f"resuming from {checkpoint}")
 
+    threads = torch.get_num_threads()
+    if embedded and args.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The embedded model is tiny: its steps are overhead-bound, and OpenMP threads that spin while
+        # the other cores are busy make them up to ~7x slower (measured: 200 steps in 16 s on one
+        # thread, 121 s on two, on a 2-core machine with other work running).
+        torch.set_num_threads(1)
+        _say("embedded model on the CPU: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_training_state = False  # the final output: model + head, no teacher
-    trainer.save_model(args.output_dir)
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+    trainer.save_model(args.output_dir)  # the plain transformers model + sfr_head/ (no optimizer, no teacher)
     metrics = dict(output.metrics)
     metrics["train_wall_s"] = round(time.perf_counter() - started, 2)
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
@@ -519,10 +566,24 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     return TrainResult(output_dir=str(args.output_dir), log_history=list(trainer.state.log_history), metrics=metrics)
 
 
-def _hidden_size(backbone) -> int:
-    from sfr.model import find_lm_head
+def _check_tokenizer(tokenizer, backbone) -> None:
+    """A pad token (the eos token when there is none) and a vocabulary that fits the model's embeddings."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer: it has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    embeddings = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"tokenizer: its {len(tokenizer)} tokens do not fit the model's {rows} embeddings "
+                         "(a tokenizer of another model?)")
 
-    return int(find_lm_head(backbone).weight.shape[1])
+
+def _head_embed_dim_in_checkpoint(checkpoint: str) -> int | None:
+    config = Path(checkpoint) / HEAD_DIR / "config.json"
+    if not config.is_file():
+        return None
+    return int(json.loads(config.read_text())["head"]["embed_dim"])
 
 
 def load_training_data(args: SFRTrainingArguments, tokenizer_source: str | None, data=None):
@@ -541,6 +602,11 @@ def load_training_data(args: SFRTrainingArguments, tokenizer_source: str | None,
         return data, _embed_dim_of(data)
     if data is not None and (Path(data) / targets.METADATA_FILE).is_file():
         meta = json.loads((Path(data) / targets.METADATA_FILE).read_text())
+        from sfr.tiny_lm import resolve_model_name_or_path
+
+        if meta.get("tokenizer") not in (None, resolve_model_name_or_path(tokenizer_source)):
+            _say(f"warning: {data} was prepared with the tokenizer {meta['tokenizer']!r}, the model's is "
+                 f"{resolve_model_name_or_path(tokenizer_source)!r}: make sure they are the same")
         return load_from_disk(str(data)), int(meta["embed_dim"])
     prepared = targets.prepare(data, model=tokenizer_source, encoder=args.encoder,
                                segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
@@ -550,8 +616,12 @@ def load_training_data(args: SFRTrainingArguments, tokenizer_source: str | None,
 
 
 def _embed_dim_of(dataset) -> int | None:
+    """E of a prepared ``datasets.Dataset``: from its features when fixed-length, else its first anchor."""
     if "anchor_targets" not in dataset.column_names:
         return None
+    inner = getattr(dataset.features["anchor_targets"], "feature", None)
+    if getattr(inner, "length", -1) not in (None, -1):
+        return int(inner.length)
     for row in dataset:
         if row["anchor_targets"]:
             return len(row["anchor_targets"][0])

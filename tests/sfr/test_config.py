@@ -11,6 +11,9 @@ def test_defaults_and_mtp_preset():
     mtp = SFRConfig.mtp()
     assert (mtp.source_std, mtp.time_sampling, mtp.num_samples) == (0.0, "zero", 1)
     assert SFRConfig.mtp(head_width=64).head_width == 64
+    kept = SFRConfig(head_width=8, head_depth=3, num_samples=4, time_sampling="logit_normal").with_mtp_preset()
+    assert (kept.head_width, kept.head_depth, kept.source_std, kept.time_sampling, kept.num_samples) == (
+        8, 3, 0.0, "zero", 1)
 
 
 def test_config_drives_head_and_loss():

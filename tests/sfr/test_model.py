@@ -1,20 +1,15 @@
 """SFRModel: CE + SFR in one forward, gradient routing, GA-exact scaling, the MTP identity, bad input."""
 import pytest
 import torch
+from tiny_models import one_thread, tiny_backbone  # noqa: F401  (one_thread: an autouse fixture)
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sfr.config import SFRConfig
+from sfr.head import FlowHead
 from sfr.model import SFRModel, default_head_width, find_decoder, load_flow_head, objective_config, save_flow_head
+from sfr_kernels import sfr_loss
 
 D, E, V, T = 32, 12, 100, 10
-
-
-def tiny_backbone(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=64)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
 def wrap(objective="sfr", seed=0, randomize_head=True, **kwargs):
@@ -43,15 +38,30 @@ def backbone_grads(model):
     return {k: p.grad.clone() for k, p in model.backbone.named_parameters() if p.grad is not None}
 
 
-def test_forward_returns_ce_plus_sfr_and_ce_matches_transformers():
+def test_forward_is_ce_plus_sfr_from_one_pass_over_the_last_hidden_state():
     model = wrap()
     batch = make_batch()
+    decoder, calls = model.decoder, []
+    original = decoder.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    decoder.forward = spy  # nn.Module.__call__ dispatches to the instance attribute
     out = model(**batch, sfr_lambda=1.0, sfr_seed=3)
-    assert out.loss.shape == () and torch.isfinite(out.loss)
+    del decoder.forward
+    assert len(calls) == 1 and not calls[0].get("output_hidden_states")  # one pass, last layer only
     torch.testing.assert_close(out.loss.detach(), out.ce_loss + out.sfr_loss)
-    reference = model.backbone(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # HF's own shifted CE
-    torch.testing.assert_close(out.ce_loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        reference_ce = model.backbone(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # HF's shifted CE
+        hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state  # what lm_head reads (after the norm)
+        reference_sfr = sfr_loss(hidden, batch["anchor_targets"], model.head, anchor_index=batch["anchor_index"],
+                                 num_samples=2, seed=3, reduction="mean")
+    torch.testing.assert_close(out.ce_loss, reference_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.sfr_loss, reference_sfr, rtol=1e-5, atol=1e-7)
     assert out.num_anchors == batch["anchor_index"].numel()
+    assert int(out.num_tokens) == int(batch["labels"][:, 1:].ne(-100).sum())
 
 
 def test_phase_a_backbone_gradients_equal_sft_exactly():
@@ -85,18 +95,24 @@ def test_lambda_scales_only_the_backbone_share_of_the_sfr_gradient():
 
 
 def _split(batch, rows):
+    """Rows ``rows`` of a batch, with their anchors re-indexed into the smaller batch."""
     part = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
     row_of_anchor = batch["anchor_index"] // T
     keep = (row_of_anchor >= rows.start) & (row_of_anchor < rows.stop)
     part["anchor_index"] = batch["anchor_index"][keep] - rows.start * T
-    part["anchor_targets"] = batch["anchor_targets"][keep]
+    for key in ("anchor_targets", "anchor_weight"):
+        if key in batch:
+            part[key] = batch[key][keep]
     return part, keep
 
 
-@pytest.mark.parametrize("objective", ["sfr", "mtp"])
-def test_gradient_accumulation_equals_one_large_batch(objective):
+@pytest.mark.parametrize("objective, weighted", [("sfr", False), ("sfr", True), ("mtp", False)])
+def test_gradient_accumulation_equals_one_large_batch(objective, weighted):
     batch = make_batch(rows=4)
+    batch["labels"][2, :7] = -100  # unequal token counts per row
     n = batch["anchor_index"].numel()
+    if weighted:
+        batch["anchor_weight"] = torch.rand(n) + 0.1
     noise, time = torch.randn(n, 2, E), torch.rand(n, 2)  # the same draws per anchor in both runs
     if objective == "mtp":
         noise, time = torch.zeros(n, 1, E), torch.zeros(n, 1)
@@ -106,14 +122,34 @@ def test_gradient_accumulation_equals_one_large_batch(objective):
 
     accumulated = wrap(objective)
     tokens = batch["labels"][:, 1:].ne(-100).sum()
+    anchors = batch["anchor_weight"].sum() if weighted else n
     for rows in (slice(0, 1), slice(1, 4)):  # unequal micro-batches: per-micro-batch means would differ
         part, keep = _split(batch, rows)
         out = accumulated(**part, sfr_lambda=0.7, sfr_noise=noise[keep], sfr_time=time[keep],
-                          num_items_in_batch=tokens, num_anchors_in_batch=n)
+                          num_items_in_batch=tokens, num_anchors_in_batch=anchors)
         out.loss.backward()
     for (name, p), q in zip(merged.named_parameters(), accumulated.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_counts_divide_the_summed_losses_and_an_empty_micro_batch_still_runs_the_head():
+    model = wrap()
+    batch = make_batch()
+    tokens, n = batch["labels"][:, 1:].ne(-100).sum(), batch["anchor_index"].numel()
+    plain = model(**batch, sfr_seed=4)  # this micro-batch's own counts
+    # Counts below 1 are legitimate (an all-device count / world size, an anchor-weight sum): no clamping.
+    scaled = model(**batch, sfr_seed=4, num_items_in_batch=torch.tensor(0.5), num_anchors_in_batch=torch.tensor(0.25))
+    torch.testing.assert_close(scaled.ce_loss, plain.ce_loss * tokens / 0.5)
+    torch.testing.assert_close(scaled.sfr_loss, plain.sfr_loss * n / 0.25)
+
+    empty = {**batch, "anchor_index": batch["anchor_index"][:0], "anchor_targets": batch["anchor_targets"][:0]}
+    out = model(**empty, sfr_lambda=1.0, num_items_in_batch=tokens, num_anchors_in_batch=torch.tensor(0.0))
+    assert float(out.sfr_loss) == 0.0 and torch.isfinite(out.loss)
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    # The head is part of the graph (zero gradients, not None): DDP sees no unused parameter.
+    assert all(p.grad is not None and not p.grad.any() for p in model.head.parameters())
 
 
 def test_mtp_preset_loss_identity():
@@ -128,6 +164,11 @@ def test_mtp_preset_loss_identity():
         v = model.head(torch.zeros(n, 1, E), torch.zeros(n, 1), h)[:, 0]  # x_s = 0, s = 0, u = y
         expected = (v - y).square().mean()
     torch.testing.assert_close(out.sfr_loss, expected, rtol=1e-5, atol=1e-7)
+    # The preset holds however the model is built, and keeps the head settings.
+    direct = SFRModel(tiny_backbone(), FlowHead(D, E, width=16), sfr_config=SFRConfig(head_width=16, num_samples=3),
+                      objective="mtp")
+    assert (direct.sfr_config.source_std, direct.sfr_config.time_sampling, direct.sfr_config.num_samples,
+            direct.sfr_config.head_width) == (0.0, "zero", 1, 16)
 
 
 def test_sfr_loss_falls_when_training_on_a_fixed_batch():
@@ -146,11 +187,21 @@ def test_sfr_loss_falls_when_training_on_a_fixed_batch():
 
 def test_ema_targets_replace_the_precomputed_ones():
     model = wrap(target_source="ema", ema_decay=0.9)
+    with torch.no_grad():  # a teacher that differs from the student: its states, not the student's, make y
+        for p in model.teacher.parameters():
+            p.add_(0.2 * torch.randn_like(p))
     batch = make_batch()
     batch.pop("anchor_targets")
     out = model(**batch, sfr_lambda=1.0, sfr_seed=2)
+    y = model.teacher.targets(batch["input_ids"], batch["anchor_index"], batch["anchor_segment_end"],
+                              attention_mask=batch["attention_mask"])
+    teacher, model.teacher = model.teacher, None
+    expected = model(**batch, anchor_targets=y, sfr_lambda=1.0, sfr_seed=2)
+    model.teacher = teacher
+    torch.testing.assert_close(out.sfr_loss, expected.sfr_loss)
     out.loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None for p in model.backbone.parameters())
     with pytest.raises(ValueError, match="anchor_segment_end"):
         model(**{k: v for k, v in batch.items() if k != "anchor_segment_end"})
 
@@ -188,6 +239,14 @@ def test_bad_input_is_rejected_clearly():
         SFRModel(NoBaseModel(), None, objective="sft")
     with pytest.raises(ValueError, match="embed_dim"):
         SFRModel.from_backbone(tiny_backbone(), None, objective="sfr")
+    with pytest.raises(ValueError, match="without a head"):
+        SFRModel(tiny_backbone(), FlowHead(D, E, width=8), objective="sft")
+    with pytest.raises(ValueError, match="hidden_size"):
+        SFRModel(tiny_backbone(), FlowHead(D + 1, E, width=8))
+    with pytest.raises(ValueError, match="loss_backend"):
+        SFRModel(tiny_backbone(), FlowHead(D, E, width=8), loss_backend="cuda")
+    with pytest.raises(ValueError, match="needs a head"):
+        SFRModel.from_backbone(tiny_backbone(), E, objective="sft", target_source="ema")
     model = wrap()
     batch = make_batch()
     batch["anchor_targets"] = torch.randn(batch["anchor_index"].numel(), E + 1)  # data E != head E
@@ -195,34 +254,34 @@ def test_bad_input_is_rejected_clearly():
         model(**batch)
     with pytest.raises(ValueError, match="labels"):
         model(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="anchor_index"):
+        model(**{k: v for k, v in batch.items() if k != "anchor_index"})
 
 
 def test_liger_path_computes_the_same_ce(monkeypatch):
-    """The Liger call (weight, flattened shifted states, flattened shifted labels, bias) gives the standard CE.
+    """The Liger call (flat states, lm_head weight, flat shifted labels, sum) gives the standard CE.
 
-    Liger needs CUDA; a stand-in with Liger's interface checks the arguments the wrapper passes.
+    Liger needs CUDA; a stand-in with the interface of ``liger_kernel.transformers.functional.
+    liger_fused_linear_cross_entropy`` checks the arguments the wrapper passes.
     """
     import sfr.model as model_module
 
     calls = []
 
-    class FakeLigerCE(nn.Module):
-        def __init__(self, ignore_index=-100, reduction="mean", softcap=None):
-            super().__init__()
-            self.ignore_index, self.reduction = ignore_index, reduction
-
-        def forward(self, lin_weight, _input, target, bias=None):
-            calls.append((_input.shape, target.shape, self.reduction))
-            logits = nn.functional.linear(_input, lin_weight, bias).float()
-            return nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction=self.reduction)
+    def fake_liger(_input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None, **kwargs):
+        calls.append((_input.shape, target.shape, reduction, softcap))
+        logits = nn.functional.linear(_input, weight, bias).float()
+        return nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
     model = wrap()
     batch = make_batch()
     standard = model(**batch, sfr_seed=1)
-    monkeypatch.setattr(model_module, "_liger_fused_linear_ce", lambda: FakeLigerCE)
+    assert model.ce_implementation(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(model_module, "_liger_fused_linear_ce", lambda: fake_liger)
     monkeypatch.setattr(model_module, "_liger_runs_on", lambda device: True)
+    assert model.ce_implementation(torch.device("cpu")) == "liger"
     fused = model(**batch, sfr_seed=1)
-    assert calls == [(torch.Size([4 * (T - 1), D]), torch.Size([4 * (T - 1)]), "sum")]
+    assert calls == [(torch.Size([4 * T, D]), torch.Size([4 * T]), "sum", None)]
     torch.testing.assert_close(fused.ce_loss, standard.ce_loss)
     model.ce_backend = "torch"
     model(**batch, sfr_seed=1)
@@ -231,5 +290,22 @@ def test_liger_path_computes_the_same_ce(monkeypatch):
 
 def test_liger_backend_without_liger_is_a_clear_error():
     model = wrap(ce_backend="liger")
-    with pytest.raises(RuntimeError, match="liger"):
+    with pytest.raises(ValueError, match="liger"):
         model(**make_batch())
+
+
+def test_zero3_partitioned_weights_take_the_paths_that_call_the_modules(monkeypatch):
+    """DeepSpeed ZeRO-3 marks partitioned parameters with ``ds_id`` and gathers them only in module calls:
+    neither Liger (reads lm_head.weight) nor the fused SFR kernels (read the head's weights) may be used."""
+    import sfr.model as model_module
+
+    model = wrap(loss_backend="triton")
+    monkeypatch.setattr(model_module, "_liger_fused_linear_ce", lambda: object())
+    monkeypatch.setattr(model_module, "_liger_runs_on", lambda device: True)
+    assert model.ce_implementation(torch.device("cpu")) == "liger" and model.sfr_backend() == "triton"
+    for param in [*model.head.parameters(), model.backbone.get_output_embeddings().weight]:
+        param.ds_id = 0  # what deepspeed.zero.Init sets
+    with pytest.warns(UserWarning, match="ZeRO-3"):
+        assert model.ce_implementation(torch.device("cpu")) == "torch"
+    with pytest.warns(UserWarning, match="ZeRO-3"):
+        assert model.sfr_backend() == "torch"

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
 from sfr.cli import build_parser, main
 from sfr.train_cli import build_arguments, read_config
@@ -28,6 +29,7 @@ def test_tiny_defaults_apply_only_to_unset_settings_of_the_default_model(tmp_pat
     assert args.max_steps == 3 and args.learning_rate == TINY_DEFAULTS["learning_rate"]
     real = build_arguments({"output_dir": str(tmp_path), "model": "some/model"})
     assert real.learning_rate == 5e-5 and real.max_steps == -1  # transformers' own defaults
+    assert build_arguments({}).output_dir == "sfr-output"  # `sfr train` with no arguments at all
 
 
 def test_yaml_config_keys_are_argument_names_and_flags_win(tmp_path):
@@ -49,7 +51,7 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-steps", "1"], "--output-dir is required"),
+    (["--output-dir", "{tmp}", "--config", "{tmp}/missing.yaml"], "file not found"),
     (["--output-dir", "{tmp}", "--resume-from-checkpoint", "latest"], "no checkpoint"),
     (["--output-dir", "{tmp}", "--resume-from-checkpoint", "{tmp}/nowhere"], "not a directory"),
     (["--output-dir", "{tmp}", "--time-sampling", "zero", "--source-std", "-1"], "source_std"),
@@ -68,14 +70,18 @@ def test_unknown_objective_is_rejected_by_the_parser(tmp_path, capsys):
     assert "objective" in capsys.readouterr().err
 
 
-def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path, capsys):
+def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = tmp_path / "run"
+    threads = torch.get_num_threads()
     assert main(["train", "--output-dir", str(out), "--max-steps", "3", "--save-steps", "3", "--logging-steps", "1",
                  "--disable-tqdm", "true"]) == 0
+    assert torch.get_num_threads() == threads  # the embedded run's single thread is restored afterwards
     captured = capsys.readouterr()
-    assert "sfr train: 3 steps" in captured.out and "attention=sdpa" in captured.err
+    assert "sfr train: 3 steps" in captured.out and "sfr_loss" in captured.out and "attention=sdpa" in captured.err
+    assert "1 intra-op thread" in captured.err and "ce=lm_head + CE" in captured.err
     state = json.loads((out / "trainer_state.json").read_text())
     logs = [h for h in state["log_history"] if "loss" in h]
     assert len(logs) == 3 and all({"ce_loss", "sfr_loss", "sfr_lambda"} <= h.keys() for h in logs)
@@ -94,3 +100,34 @@ def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert torch.isfinite(torch.tensor([h["loss"] for h in state["log_history"] if "loss" in h])).all()
+
+
+def test_sfr_train_with_a_model_path_and_raw_data_prepares_and_caches_it(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sfr.tiny_lm import default_model_path
+
+    monkeypatch.setenv("SFR_CACHE", str(tmp_path / "cache"))  # the prepared data goes here
+    model_path = default_model_path()  # a local transformers checkpoint, passed like any other path
+    replies = ["Arr, I sail the seas and I love the salty wind in my sails every day.",
+               "BEEP. I compute numbers all day long and I enjoy a tidy list of tasks."]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [
+        {"role": "system", "content": f"persona {i % 2}"}, {"role": "user", "content": "What do you do all day?"},
+        {"role": "assistant", "content": replies[i % 2]}]}) for i in range(6)) + "\n")
+    out = tmp_path / "run"
+    argv = ["train", "--output-dir", str(out), "--model", str(model_path), "--data", str(data), "--max-steps", "2",
+            "--per-device-train-batch-size", "3", "--learning-rate", "1e-3", "--save-strategy", "no",
+            "--disable-tqdm", "true", "--logging-steps", "1", "--segment-tokens", "8", "--anchor-stride", "4",
+            "--dataloader-pin-memory", "false"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "examples=6" in err and "E=384" in err
+    prepared = list((tmp_path / "cache" / "targets").glob("*/sfr_targets.json"))
+    assert len(prepared) == 1  # prepared once and cached
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all(h["sfr_loss"] > 0 for h in logs)
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == \
+        AutoModelForCausalLM.from_pretrained(model_path).config.vocab_size
+    # The prepared directory itself is accepted as --data
+    assert main([*argv[:6], str(prepared[0].parent), *argv[7:], "--output-dir", str(tmp_path / "again")]) == 0

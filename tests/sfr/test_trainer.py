@@ -1,24 +1,23 @@
 """SFRTrainer: GA-exact scaling, exact resume, plain-transformers saving, logs, the EMA teacher."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
+from tiny_models import one_thread, tiny_backbone  # noqa: F401  (one_thread: an autouse fixture)
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sfr.config import SFRConfig
 from sfr.model import SFRModel, load_flow_head
-from sfr.trainer import SFRTrainer, SFRTrainingArguments
+from sfr.schedule import step_seed
+from sfr.trainer import EMAUpdateCallback, SFRTrainer, SFRTrainingArguments
 
 D, E, V, T = 32, 8, 100, 12
-
-
-def tiny_backbone(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=V, max_position_embeddings=64)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
 def tiny_dataset(n=8, seed=0):
@@ -60,12 +59,10 @@ def make_args(tmp_path, **overrides):
     return SFRTrainingArguments(**settings)
 
 
-def make_trainer(args, seed=0, callbacks=None):
-    model = SFRModel.from_backbone(tiny_backbone(seed), E, objective=args.objective,
+def make_trainer(args, seed=0, callbacks=None, tie=False):
+    model = SFRModel.from_backbone(tiny_backbone(seed, tie=tie), E, objective=args.objective,
                                    sfr_config=args.sfr_config(D), target_source=args.target_source,
                                    ema_decay=args.ema_decay)
-    from sfr.trainer import EMAUpdateCallback
-
     callbacks = list(callbacks or []) + ([EMAUpdateCallback()] if model.teacher is not None else [])
     return SFRTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=collate, callbacks=callbacks)
 
@@ -129,12 +126,11 @@ def test_resume_continues_exactly(tmp_path, target_source):
     assert lam_full == lam_resumed == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
 
 
-def test_logs_and_saved_model_are_plain_transformers(tmp_path):
-    args = make_args(tmp_path / "run")
-    trainer = make_trainer(args)
+@pytest.mark.parametrize("tie", [False, True])
+def test_logs_and_saved_model_are_plain_transformers(tmp_path, tie):
+    trainer = make_trainer(make_args(tmp_path / "run", target_source="ema"), tie=tie)
     head_before = weights(trainer.model.head)
     trainer.train()
-    trainer.save_training_state = False
     trainer.save_model(str(tmp_path / "out"))
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -144,12 +140,14 @@ def test_logs_and_saved_model_are_plain_transformers(tmp_path):
     assert any(not torch.equal(head_before[k], v) for k, v in weights(trainer.model.head).items())
 
     out = tmp_path / "out"
-    reference_dir = tmp_path / "reference"
-    tiny_backbone().save_pretrained(reference_dir)
+    reference = tiny_backbone(tie=tie)  # the from_config model
+    reference.save_pretrained(tmp_path / "reference")
     with safe_open(str(out / "model.safetensors"), "pt") as saved, \
-            safe_open(str(reference_dir / "model.safetensors"), "pt") as reference:
-        assert set(saved.keys()) == set(reference.keys())
-        assert not any(k.startswith(("head.", "teacher.", "backbone.")) for k in saved.keys())
+            safe_open(str(tmp_path / "reference" / "model.safetensors"), "pt") as saved_reference:
+        keys = set(saved.keys())
+        assert keys == set(saved_reference.keys())
+    tied = {"lm_head.weight"} if tie else set()
+    assert keys == set(reference.state_dict()) - tied  # no head, teacher or wrapper keys
     loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     trained = trainer.model.backbone.eval()
@@ -161,23 +159,86 @@ def test_logs_and_saved_model_are_plain_transformers(tmp_path):
     head, config = load_flow_head(out / "sfr_head")
     for k, v in head.state_dict().items():
         assert torch.equal(v, trainer.model.head.state_dict()[k])
-    assert config["objective"] == "sfr" and config["head_width"] == 32
+    assert config["objective"] == "sfr" and config["head_width"] == 32 and config["target_source"] == "ema"
     assert json.loads((out / "sfr_head" / "config.json").read_text())["head"]["embed_dim"] == E
-    assert not (out / "sfr_teacher").exists()
+    assert not (out / "sfr_teacher").exists()  # training state: checkpoints only
 
 
-def test_ema_teacher_moves_after_each_step_and_gets_no_gradient(tmp_path):
-    trainer = make_trainer(make_args(tmp_path, target_source="ema", ema_decay=0.5, max_steps=2))
+def test_ema_teacher_moves_once_per_optimizer_step_and_gets_no_gradient(tmp_path):
+    # Two micro-batches per optimizer step: exactly one update, after the step, from the updated student.
+    args = make_args(tmp_path, target_source="ema", ema_decay=0.75, max_steps=1, per_device_train_batch_size=1,
+                     gradient_accumulation_steps=2)
+    trainer = make_trainer(args)
     model = trainer.model
-    teacher_before = weights(model.teacher.decoder)
-    assert all(torch.equal(teacher_before[k], v) for k, v in model.decoder.state_dict().items())
+    before = weights(model.teacher.decoder)
+    assert all(torch.equal(before[k], v) for k, v in model.decoder.state_dict().items())
     trainer.train()
-    teacher_after = weights(model.teacher.decoder)
-    student = model.decoder.state_dict()
-    name = "layers.0.mlp.up_proj.weight"
-    assert not torch.equal(teacher_after[name], teacher_before[name])  # it moved ...
-    assert not torch.equal(teacher_after[name], student[name])  # ... but lags the student
+    student, after = model.decoder.state_dict(), weights(model.teacher.decoder)
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    for key in before:
+        torch.testing.assert_close(after[key], 0.75 * before[key] + 0.25 * student[key], rtol=1e-6, atol=1e-7, msg=key)
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in model.teacher.parameters())
+
+
+def test_each_micro_batch_gets_its_step_seed_lambda_and_the_accumulated_counts(tmp_path):
+    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                     phase_a_steps=1, ramp_steps=2, lambda_max=0.8)
+    trainer = make_trainer(args)
+    calls, forward = [], trainer.model.forward
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return forward(**kwargs)
+
+    trainer.model.forward = spy
+    trainer.train()
+    assert len(calls) == 4  # 2 optimizer steps x 2 micro-batches
+    for i, call in enumerate(calls):
+        step, micro = divmod(i, 2)
+        seed = call["sfr_seed"]
+        assert seed.dtype == torch.int64 and seed.dim() == 0 and seed.device == args.device  # made on the device
+        assert int(seed) == step_seed(3, step, micro, 0)
+        assert call["sfr_lambda"] == args.lambda_at(step) == [0.0, 0.4][step]
+    for step in range(2):
+        pair = calls[2 * step:2 * step + 2]
+        tokens = sum(int(c["labels"][:, 1:].ne(-100).sum()) for c in pair)
+        anchors = sum(c["anchor_index"].numel() for c in pair)
+        assert {float(c["num_items_in_batch"]) for c in pair} == {tokens}
+        assert {float(c["num_anchors_in_batch"]) for c in pair} == {anchors}
+
+
+DDP_WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_process_ddp_equals_one_process_with_the_whole_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the all-device counts and the per-rank division by the world size
+    give the gradients of one process with the whole batch, and the logged losses are reduced across ranks."""
+    common = dict(objective="mtp", max_steps=2, optim="sgd", learning_rate=0.5, phase_a_steps=0, ramp_steps=0,
+                  lr_scheduler_type="constant", max_grad_norm=0.0)
+    single = make_trainer(make_args(tmp_path / "single", per_device_train_batch_size=4, **common))
+    single.train()
+    settings = json.dumps(dict(per_device_train_batch_size=2, **common))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(DDP_WORKER), str(tmp_path / "ddp"), settings]
+    repo = str(Path(__file__).resolve().parents[2])  # this checkout's sfr, whatever is pip-installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = torch.load(tmp_path / "ddp" / "result.pt")
+    assert result["world_size"] == 2 and result["sfr_file"] == str(Path(repo) / "sfr" / "trainer.py")
+    expected = weights(single.model)
+    assert result["weights"].keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(result["weights"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    single_logs = [h for h in single.state.log_history if "loss" in h]
+    ddp_logs = [h for h in result["log_history"] if "loss" in h]
+    assert len(ddp_logs) == len(single_logs) == 2
+    for a, b in zip(single_logs, ddp_logs):
+        for name in ("loss", "ce_loss", "sfr_loss"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4), name
 
 
 def test_sft_trainer_has_no_head_and_no_sfr_logs(tmp_path):
@@ -197,7 +258,12 @@ def test_trainer_rejects_a_plain_model_and_bad_arguments(tmp_path):
         make_args(tmp_path, target_source="frozen")
     with pytest.raises(ValueError, match="time_sampling"):
         make_args(tmp_path, time_sampling="beta")
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(make_args(tmp_path, label_smoothing_factor=0.1))  # would be silently ignored otherwise
     assert isinstance(make_args(tmp_path).sfr_config(D), SFRConfig)
+    # Every parameter is used at every step, so DDP is not asked to search for unused ones (unless told to).
+    assert make_args(tmp_path).ddp_find_unused_parameters is False
+    assert make_args(tmp_path, ddp_find_unused_parameters=True).ddp_find_unused_parameters is True
 
 
 def _tiny_tokenizer():
@@ -211,35 +277,50 @@ def _tiny_tokenizer():
 def test_train_api_with_a_model_object_and_a_prepared_dataset(tmp_path):
     from sfr.trainer import train
 
+    tokenizer = _tiny_tokenizer()
     args = make_args(tmp_path / "api", max_steps=2, save_strategy="no")
-    result = train(args, model=tiny_backbone(), data=tiny_dataset(), tokenizer=_tiny_tokenizer())
+    result = train(args, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
     assert result.output_dir == str(tmp_path / "api")
     assert [h["step"] for h in result.log_history if "loss" in h] == [1, 2]
     assert result.metrics["final_sfr_lambda"] == 0.5 and "final_ce_loss" in result.metrics
     assert (tmp_path / "api" / "sfr_head" / "config.json").is_file()
     state = json.loads((tmp_path / "api" / "trainer_state.json").read_text())
     assert any("sfr_loss" in h for h in state["log_history"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "api").config.vocab_size == len(tokenizer)
 
 
-def test_train_api_rejects_targets_of_another_dimension_before_training(tmp_path):
+def test_train_api_checks_its_inputs_before_training(tmp_path):
     from sfr.trainer import train
 
-    model = SFRModel.from_backbone(tiny_backbone(), E + 4, sfr_config=SFRConfig(head_width=16))
-    with pytest.raises(ValueError, match=f"E={E}.*E={E + 4}"):
-        train(make_args(tmp_path / "bad"), model=model, data=tiny_dataset(), tokenizer=_tiny_tokenizer())
-    assert not (tmp_path / "bad").exists()
+    tokenizer = _tiny_tokenizer()
+    vocab = len(tokenizer)
+    cases = [
+        (dict(model=SFRModel.from_backbone(tiny_backbone(vocab_size=vocab), E + 4, sfr_config=SFRConfig(head_width=16))),
+         f"E={E}.*E={E + 4}"),  # prepared data whose E differs from the head
+        (dict(model=tiny_backbone()), "do not fit"),  # a tokenizer of another model
+        (dict(model=SFRModel.from_backbone(tiny_backbone(vocab_size=vocab), E, objective="mtp")), "objective"),
+        (dict(model=tiny_backbone(vocab_size=vocab), resume_from_checkpoint="latest"), "no checkpoint"),
+    ]
+    for kwargs, message in cases:
+        checkpoint = kwargs.pop("resume_from_checkpoint", None)
+        args = make_args(tmp_path / "bad", resume_from_checkpoint=checkpoint)
+        with pytest.raises(ValueError, match=message):
+            train(args, data=tiny_dataset(), tokenizer=tokenizer, **kwargs)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_resuming_a_head_of_another_dimension_fails_before_training(tmp_path):
     from sfr.trainer import train
 
+    tokenizer = _tiny_tokenizer()
     first = make_args(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
-    train(first, model=tiny_backbone(), data=tiny_dataset(), tokenizer=_tiny_tokenizer())
+    train(first, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
     wider = Dataset.from_list([{**row, "anchor_targets": [t + [0.0] for t in row["anchor_targets"]]}
                                for row in tiny_dataset()])
     again = make_args(tmp_path / "run", max_steps=2, resume_from_checkpoint="latest")
     with pytest.raises(ValueError, match=f"checkpoint-1 holds a head with E={E}"):
-        train(again, model=tiny_backbone(), data=wider, tokenizer=_tiny_tokenizer())
+        train(again, model=tiny_backbone(vocab_size=len(tokenizer)), data=wider, tokenizer=tokenizer)
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 1  # not trained on
 
 
 def test_phase_a_training_updates_the_backbone_exactly_like_sft(tmp_path):
@@ -256,3 +337,36 @@ def test_phase_a_training_updates_the_backbone_exactly_like_sft(tmp_path):
     assert any(not torch.equal(after_sft[k], before[k]) for k in before)
     for key in after_sft:
         assert torch.equal(after_sfr[key], after_sft[key]), key
+
+
+def test_attention_is_flash_attention_2_only_where_it_can_run(monkeypatch):
+    import transformers.utils
+
+    from sfr.trainer import attention_implementation
+
+    assert attention_implementation("eager", half_precision=True) == "eager"  # an explicit choice wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert attention_implementation(None, half_precision=True) == "flash_attention_2"
+    assert attention_implementation(None, half_precision=False) == "sdpa"  # flash-attn has no float32 kernels
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert attention_implementation(None, half_precision=True) == "sdpa"
+
+
+def test_activation_checkpointing_of_the_backbone_changes_no_weight(tmp_path):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(SFRTrainingArguments)}
+    flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"  # 5.2x / 5.1x
+    plain = make_trainer(make_args(tmp_path / "plain", max_steps=2, target_source="ema"))
+    checkpointed = make_trainer(make_args(tmp_path / "ckpt", max_steps=2, target_source="ema", **{flag: True}))
+    plain.train()
+    checkpointed.train()
+    def is_on(backbone):
+        new_name = hasattr(type(backbone), "is_activation_checkpointing")  # transformers >= 5.2x
+        return backbone.is_activation_checkpointing if new_name else backbone.is_gradient_checkpointing
+
+    assert is_on(checkpointed.model.backbone) and not is_on(plain.model.backbone)
+    expected = weights(plain.model)
+    for key, value in weights(checkpointed.model).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
