@@ -6,16 +6,18 @@ Run from the repository root::
     python -m bench.step --quick --out "$TMPDIR/r"              # tiny model on the CPU (CI smoke run)
 
 The LM is built from a real model's config with random weights (``transformers`` ``Qwen2Config`` +
-``AutoModelForCausalLM.from_config``; bf16 on CUDA, fp32 on the CPU). Both variants see the same
-batch, attention implementation (``flash_attention_2`` if ``flash_attn`` is installed and CUDA is
-there, else ``sdpa``) and CE implementation (Liger's fused linear cross-entropy if
-``liger_kernel`` is installed, else ``lm_head`` + ``F.cross_entropy`` on float32 logits, as
-transformers does). One step is::
+``AutoModelForCausalLM.from_config``; bf16 on CUDA, fp32 on the CPU). Both variants run the very
+code a user trains with, :class:`sfr.model.SFRModel` ``forward`` on the same backbone and batch:
+``objective="sft"`` (CE only) and ``objective="sfr"`` (CE + SFR, head from
+``SFRModel.from_backbone``: float32, as the trainer makes it). So attention (``flash_attention_2``
+when flash-attn is installed on CUDA, else ``sdpa``: ``sfr.trainer.attention_implementation``) and
+CE (Liger's fused linear cross-entropy on CUDA when installed, else ``lm_head`` + CE: the model's
+``ce_implementation``) are the same for both. One step is::
 
-    hidden = model.model(input_ids, attention_mask).last_hidden_state          # [B, T, D]
-    loss   = CE(lm_head, hidden[:, :-1], labels[:, 1:])
+    hidden = decoder(input_ids, attention_mask).last_hidden_state                 # [B, T, D]
+    loss   = CE(lm_head, hidden, labels) / num_tokens
     loss  += sfr_loss(hidden, targets, head, anchor_index=anchors, num_samples=M,
-                      grad_scale=1.0, reduction="mean")                         # SFT+SFR only
+                      grad_scale=1.0, reduction="sum") / num_anchors            # sfr only
     loss.backward(); AdamW.step()
 
 The second half of each sequence is the response (labels of the first half are -100); anchors are
@@ -104,18 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> StepSettings:
     return StepSettings(device, torch.bfloat16 if on_gpu else torch.float32, model_config, **values)
 
 
-def attention_implementation(device: torch.device) -> str:
-    """``flash_attention_2`` when flash-attn is importable on CUDA, else ``sdpa``."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "sdpa"
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def build_model(settings: StepSettings, attn: str):
+def build_backbone(settings: StepSettings, attn: str):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(max_position_embeddings=max(32768, settings.seq_len), use_cache=False,
@@ -124,23 +115,6 @@ def build_model(settings: StepSettings, attn: str):
     with torch.device(settings.device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.to(settings.dtype).train()
-
-
-def make_ce():
-    """``(ce(hidden [B,T,D], lm_head, labels [B,T]) -> loss, name)`` for the CE implementation in use."""
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        def torch_ce(hidden, lm_head, labels):
-            logits = lm_head(hidden[:, :-1]).float()
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return torch_ce, "torch-ce"
-    liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
-
-    def liger_ce(hidden, lm_head, labels):
-        loss = liger(lm_head.weight, hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1))
-        return loss[0] if isinstance(loss, tuple) else loss
-    return liger_ce, "liger-flce"
 
 
 def make_batch(settings: StepSettings, vocab_size: int):
@@ -155,7 +129,7 @@ def make_batch(settings: StepSettings, vocab_size: int):
     targets = F.normalize(torch.randn(anchor_index.numel(), TARGET_DIM, generator=generator), dim=-1)
     return dict(input_ids=input_ids.to(device), attention_mask=torch.ones(b, t, dtype=torch.long, device=device),
                 labels=labels.to(device), anchor_index=anchor_index.to(device),
-                targets=targets.to(device=device, dtype=settings.dtype))
+                anchor_targets=targets.to(device))
 
 
 def run_variant(step, settings: StepSettings, label: str) -> tuple[list[float], float | None]:
@@ -184,16 +158,18 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def run(settings: StepSettings, out_dir: Path) -> list[dict]:
-    from sfr.head import FlowHead
-    from sfr_kernels import sfr_loss
+    from sfr.config import SFRConfig
+    from sfr.model import SFRModel
+    from sfr.trainer import attention_implementation
 
     on_gpu = settings.device.type == "cuda"
     env = common.environment(settings.device)
-    attn = attention_implementation(settings.device)
-    ce, ce_name = make_ce()
+    attn = attention_implementation(half_precision=on_gpu)
+    backbone = build_backbone(settings, attn)
+    sft = SFRModel(backbone, None, objective="sft")
+    ce_name = {"liger": "liger-flce", "torch": "torch-ce"}[sft.ce_implementation(settings.device)]
     provider = f"{attn}+{ce_name}"
-    model = build_model(settings, attn)
-    batch = make_batch(settings, model.config.vocab_size)
+    batch = make_batch(settings, backbone.config.vocab_size)
     n_anchors = batch["anchor_index"].numel()
     dims = MODEL_CONFIGS[settings.model_config]
     print(f"device: {env['device']}" + ("" if on_gpu else " (CPU: a check of the harness, NOT a result)"))
@@ -203,27 +179,22 @@ def run(settings: StepSettings, out_dir: Path) -> list[dict]:
           f"E={TARGET_DIM}, head {HEAD_WIDTH}x{HEAD_DEPTH}; SFR backend auto "
           f"({'triton' if on_gpu else 'torch reference'})", flush=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    head = None
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-5)
+    model = sft
     seed = [0]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss = ce(hidden, model.lm_head, batch["labels"])
-        if head is not None:
-            seed[0] += 1
-            loss = loss + sfr_loss(hidden, batch["targets"], head, anchor_index=batch["anchor_index"],
-                                   num_samples=settings.num_samples, seed=seed[0], grad_scale=1.0,
-                                   reduction="mean", backend="auto")
-        loss.backward()
+        seed[0] += 1
+        extra = {} if model is sft else dict(sfr_lambda=1.0, sfr_seed=seed[0])
+        model(**batch, **extra).loss.backward()
         optimizer.step()
 
     sft_times, sft_peak = run_variant(step, settings, "sft")
-    torch.manual_seed(2)
-    head = FlowHead(dims["hidden_size"], TARGET_DIM, width=HEAD_WIDTH, depth=HEAD_DEPTH).to(
-        device=settings.device, dtype=settings.dtype)
-    optimizer.add_param_group({"params": list(head.parameters())})
+    torch.manual_seed(2)  # SFT ran without any SFR state; now the head joins the same backbone and optimizer
+    config = SFRConfig(num_samples=settings.num_samples, head_width=HEAD_WIDTH, head_depth=HEAD_DEPTH)
+    model = SFRModel.from_backbone(backbone, TARGET_DIM, objective="sfr", sfr_config=config)
+    optimizer.add_param_group({"params": list(model.head.parameters())})
     sfr_times, sfr_peak = run_variant(step, settings, "sft+sfr")
 
     base = dict(kernel="step", provider=provider, N=settings.batch_size * settings.seq_len, M=settings.num_samples,
