@@ -16,6 +16,7 @@ import argparse
 import html
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,20 +59,30 @@ def pairwise_cosine_dispersion(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fork_scores(head, h: torch.Tensor, num_draws: int = 16, steps: int = 16, solver: str = "midpoint",
-                source_std: float = 1.0, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """Fork score per anchor (see module doc): h [N, D] -> [N] float32, in [0, 2]."""
+                source_std: float = 1.0, seed: int = 0, batch_size: int = 256, return_endpoint_norms: bool = False):
+    """Fork score per anchor (see module doc): h [N, D] -> [N] float32, in [0, 2].
+
+    ``x0 = source_std * randn`` from a CPU generator seeded with ``seed`` (the same draws on every
+    device). With ``return_endpoint_norms``, also the mean norm of each anchor's endpoints ([N]): the
+    targets of a head trained on normalised sentence embeddings have norm 1, so endpoints with a norm
+    near the source's (``source_std * sqrt(E)``) mean the head has not learned to carry the noise to
+    the targets yet, and the fork scores then mostly reflect the source noise.
+    """
     if num_draws < 2:
         raise ValueError(f"num_draws must be >= 2, got {num_draws}")
     dtype = next(head.parameters()).dtype
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    scores = []
+    scores, norms = [], []
     for start in range(0, h.shape[0], batch_size):
         hb = h[start:start + batch_size].to(dtype)
         x0 = source_std * torch.randn(hb.shape[0], num_draws, head.embed_dim, generator=gen).to(hb.device, dtype)
-        scores.append(pairwise_cosine_dispersion(integrate_flow(head, hb, x0, steps, solver)))
-    if not scores:
-        return torch.zeros(0)
-    return torch.cat(scores).float().cpu()
+        x1 = integrate_flow(head, hb, x0, steps, solver)
+        scores.append(pairwise_cosine_dispersion(x1))
+        norms.append(x1.float().norm(dim=-1).mean(dim=-1))
+    result = torch.cat(scores).float().cpu() if scores else torch.zeros(0)
+    if return_endpoint_norms:
+        return result, (torch.cat(norms).float().cpu() if norms else torch.zeros(0))
+    return result
 
 
 @dataclass
@@ -89,21 +100,45 @@ class DiagnoseConfig:
     seed: int = 0
     device: str | None = None
 
+    def validate(self) -> None:
+        """``ValueError`` naming the first bad setting."""
+        for name, minimum in (("num_draws", 2), ("steps", 1), ("limit", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+
+
+def _head_dir(model_dir: str) -> Path:
+    """``model_dir/sfr_head``; ``FileNotFoundError`` saying what is missing."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist (pass a directory written by `sfr train`)")
+    head_dir = root / "sfr_head"
+    if not head_dir.is_dir():
+        raise FileNotFoundError(
+            f"{model_dir} has no sfr_head/ folder: diagnostics need the flow head that `sfr train` saves next to "
+            "the model (train with --objective sfr or mtp; an SFT model has no head)"
+        )
+    return head_dir
+
 
 def _load(model_dir: str, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sfr.model import load_flow_head
 
-    head_dir = Path(model_dir) / "sfr_head"
-    if not head_dir.is_dir():
-        raise FileNotFoundError(
-            f"{model_dir} has no sfr_head/ folder: diagnostics need the flow head that `sfr train` saves next to "
-            "the model (train with --objective sfr or mtp)"
-        )
+    head_dir = _head_dir(model_dir)
     head, head_config = load_flow_head(head_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load the backbone or tokenizer from {model_dir!r}: {exc}") from exc
+    if head.hidden_size != model.config.hidden_size:
+        raise ValueError(f"{head_dir} expects hidden size {head.hidden_size}, the model in {model_dir} has "
+                         f"{model.config.hidden_size}: the head belongs to another model")
     return model, tokenizer, head.to(device).eval(), head_config
 
 
@@ -112,21 +147,39 @@ def _final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[-1][0]  # after the final norm: what the LM head reads
 
 
-def diagnose(config: DiagnoseConfig) -> dict:
-    """Score every response position of the first ``limit`` examples; write JSON, HTML and a PNG."""
+def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
+    """Score every response position of the first ``limit`` examples; write JSON, HTML and a PNG.
+
+    A position ``t`` is scored when token ``t + 1`` is a response token (the anchors of SFR, at stride
+    1): its fork score is the dispersion of ``num_draws`` flow endpoints from ``h_t``. The source std of
+    the draws is the one the head was trained with (``sfr_head/config.json``). Returns the JSON summary
+    (``anchors``, ``mean_fork_score``, ``median_fork_score``, ``examples`` with tokens, positions and
+    scores, ``files``). ``FileNotFoundError`` for a missing model dir / ``sfr_head`` / data file,
+    ``ValueError`` for bad settings or data.
+    """
     from tqdm.auto import tqdm
 
     from sfr.data import load_records, tokenize_example
 
+    config.validate()
+    _head_dir(config.model)  # the cheap checks first
+    try:
+        records = load_records(config.data)[: config.limit]
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:  # unreadable, undecodable or malformed data
+        message = str(exc) if str(config.data) in str(exc) else f"cannot read data {str(config.data)!r}: {exc}"
+        raise ValueError(message) from exc
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, head, head_config = _load(config.model, device)
     source_std = float(head_config.get("source_std", 1.0)) if isinstance(head_config, dict) else 1.0
-    records = load_records(config.data)[: config.limit]
-    if not records:
-        raise ValueError(f"{config.data} holds no examples")
+    context = getattr(model.config, "max_position_embeddings", None)
+    keep = min(config.max_length, context) if isinstance(context, int) and context > 1 else config.max_length
     examples = []
-    for i, record in enumerate(tqdm(records, desc="diagnose", unit="example")):
-        tokens = tokenize_example(record, tokenizer, max_length=config.max_length)
+    for i, record in enumerate(tqdm(records, desc="diagnose", unit="example", disable=not progress)):
+        tokens = tokenize_example(record, tokenizer)
+        # over-long examples keep their end (the last reply) within the model's context
+        tokens = {key: value[-keep:] for key, value in tokens.items()}
         ids = torch.tensor(tokens["input_ids"], device=device)[None]
         labels = torch.tensor(tokens["labels"])
         # Anchor t predicts token t+1: score every position whose next token is a response token.
@@ -135,24 +188,31 @@ def diagnose(config: DiagnoseConfig) -> dict:
             continue
         with torch.no_grad():
             hidden = _final_hidden_states(model, ids)
-        scores = fork_scores(head, hidden[positions], config.num_draws, config.steps, config.solver,
-                             source_std, config.seed + i)
+        scores, norms = fork_scores(head, hidden[positions], config.num_draws, config.steps, config.solver,
+                                    source_std, config.seed + i, return_endpoint_norms=True)
         pieces = [tokenizer.decode([tok]) for tok in tokens["input_ids"]]
         examples.append({
             "index": i,
             "tokens": pieces,
             "positions": positions,
             "fork_scores": [round(float(s), 5) for s in scores],
+            "endpoint_norms": [round(float(n), 4) for n in norms],
         })
     if not examples:
         raise ValueError(f"no example in {config.data} has response tokens to diagnose")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     all_scores = [s for ex in examples for s in ex["fork_scores"]]
+    files = {name: str(out / name) for name in ("fork_scores.json", "fork_scores.html", "fork_histogram.png")}
     summary = {
         "config": asdict(config),
+        "source_std": source_std,
         "anchors": len(all_scores),
         "mean_fork_score": sum(all_scores) / len(all_scores),
+        "median_fork_score": float(torch.tensor(all_scores).median()),
+        "mean_endpoint_norm": float(torch.tensor([n for ex in examples for n in ex["endpoint_norms"]]).mean()),
+        "source_norm": source_std * math.sqrt(head.embed_dim),
+        "files": files,
         "examples": examples,
     }
     (out / "fork_scores.json").write_text(json.dumps(summary, indent=1))
@@ -162,9 +222,13 @@ def diagnose(config: DiagnoseConfig) -> dict:
 
 
 def render_html(examples: list[dict]) -> str:
-    """Tokens coloured from white (locked) to red (fork) by the fork score of the position *before*
-    them: the colour of a token says how open the future was when it was about to be generated."""
-    peak = max((s for ex in examples for s in ex["fork_scores"]), default=1.0) or 1.0
+    """Tokens coloured by the fork score of the position *before* them (the state that generated them):
+    white = the lowest score on the page, red = the highest (a linear scale between the two, printed in
+    the legend; hover a token for its value). The colour of a token says how open the future was when
+    it was about to be generated, relative to the rest of the page."""
+    scores = [s for ex in examples for s in ex["fork_scores"]]
+    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    span = high - low
     rows = []
     for ex in examples:
         score_at = {t + 1: s for t, s in zip(ex["positions"], ex["fork_scores"])}
@@ -172,16 +236,22 @@ def render_html(examples: list[dict]) -> str:
         for t, piece in enumerate(ex["tokens"]):
             text = html.escape(piece).replace("\n", "&#8629;<br>")
             if t in score_at:
-                alpha = min(1.0, score_at[t] / peak)
-                spans.append(f'<span title="fork {score_at[t]:.3f}" style="background: rgba(220,40,40,{alpha:.2f})">{text}</span>')
+                alpha = (score_at[t] - low) / span if span > 0 else 0.5
+                spans.append(f'<span title="fork {score_at[t]:.3f}" style="background: rgba(220,40,40,{alpha:.2f})">'
+                             f'{text}</span>')
             else:
                 spans.append(f'<span style="color:#888">{text}</span>')
-        rows.append(f"<div class='ex'><h3>example {ex['index']}</h3><p>{''.join(spans)}</p></div>")
+        mean = sum(ex["fork_scores"]) / len(ex["fork_scores"]) if ex["fork_scores"] else float("nan")
+        rows.append(f"<div class='ex'><h3>example {ex['index']} (mean fork score {mean:.3f})</h3>"
+                    f"<p>{''.join(spans)}</p></div>")
     return (
         "<!doctype html><meta charset='utf-8'><title>sfr Lock/Fork diagnostics</title>"
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto} .ex p{font-family:monospace;line-height:1.8}"
-        "</style><h1>Lock/Fork diagnostics</h1><p>Each response token is shaded by the fork score of the state "
-        f"that generated it (white = locked, red = fork; max {peak:.3f}). Hover for the value; grey = context.</p>"
+        "</style><h1>Lock/Fork diagnostics</h1><p>Each response token is shaded by the fork score "
+        "(1 − mean pairwise cosine of the flow endpoints) of the state that generated it: "
+        f"<span style='background: rgba(220,40,40,0)'>white = {low:.3f}</span> (the lowest on this page, most "
+        f"locked) to <span style='background: rgba(220,40,40,1)'>red = {high:.3f}</span> (the highest, most "
+        "open). Hover a token for its value; grey = context.</p>"
         + "".join(rows)
     )
 
@@ -203,23 +273,44 @@ def plot_histogram(scores: list[float], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a directory written by `sfr train` (model + sfr_head/)")
-    parser.add_argument("--data", required=True, help="JSONL in messages or prompt/completion format")
-    parser.add_argument("--out", default="sfr-diagnose", help="output folder (JSON, HTML, PNG)")
-    parser.add_argument("--num-draws", type=int, default=16, help="source draws S per position")
-    parser.add_argument("--steps", type=int, default=16, help="ODE steps from s=0 to s=1")
-    parser.add_argument("--solver", choices=SOLVERS, default="midpoint")
-    parser.add_argument("--limit", type=int, default=20, help="examples to score")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.description = (
+        "Lock/Fork diagnostics: for every response position of the data, integrate the trained flow head's ODE "
+        "dx/ds = v(x, s, h) from S Gaussian source draws to s = 1 and measure how spread out the S endpoints are "
+        "(fork score = 1 - mean pairwise cosine; near 0 = the future is locked, larger = it forks). Writes "
+        "fork_scores.html (tokens coloured by fork score), fork_histogram.png and fork_scores.json to --out.")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a directory written by `sfr train` with --objective sfr or mtp (model + sfr_head/; "
+                             "an SFT model has no head)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="examples to score: JSONL/JSON in messages or prompt/completion format, or the "
+                             "Synthetic-Persona-Chat CSV (default: the embedded corpus' eval split)")
+    parser.add_argument("--out", default="sfr-diagnose", metavar="DIR", help="output folder (default sfr-diagnose)")
+    parser.add_argument("--num-draws", type=int, default=16, help="source draws S per position (default 16, >= 2)")
+    parser.add_argument("--steps", type=int, default=16, help="ODE steps from s=0 to s=1 (default 16)")
+    parser.add_argument("--solver", choices=SOLVERS, default="midpoint", help="fixed-step ODE solver (default midpoint)")
+    parser.add_argument("--limit", type=int, default=20, help="score the first N examples (default 20)")
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="keep the last N tokens of an example (default 512, at most the model's context)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the source draws (example i uses seed + i)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = DiagnoseConfig(model=args.model, data=args.data, out=args.out, num_draws=args.num_draws,
+    data = args.data
+    if data is None:
+        from sfr.corpus import default_corpus_path
+
+        data = str(default_corpus_path("eval"))
+    config = DiagnoseConfig(model=args.model, data=data, out=args.out, num_draws=args.num_draws,
                             steps=args.steps, solver=args.solver, limit=args.limit, max_length=args.max_length,
                             seed=args.seed, device=args.device)
-    summary = diagnose(config)
-    print(f"scored {summary['anchors']} positions; mean fork score {summary['mean_fork_score']:.4f}")
+    try:
+        summary = diagnose(config)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"sfr diagnose: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"scored {summary['anchors']} positions; mean fork score {summary['mean_fork_score']:.4f} "
+          f"(median {summary['median_fork_score']:.4f}); mean endpoint norm {summary['mean_endpoint_norm']:.3g} "
+          f"(source draws: {summary['source_norm']:.3g}; unit-norm targets: 1)")
     print(f"wrote {config.out}/fork_scores.html, fork_histogram.png, fork_scores.json")
     return 0

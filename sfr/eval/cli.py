@@ -26,15 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="{dialogue,code}")
     dialogue = sub.add_parser(
         "dialogue", help="sample replies from one or more models; report diversity, style fidelity and quality",
-        description="Sample --samples replies per prompt of a messages-format JSONL file (the final assistant turn "
-                    "of each conversation is its reference reply) from each --model, and report distinct-1/2, "
+        description="Sample --samples replies per prompt of --data (the final assistant turn of each conversation "
+                    "is its reference reply) from each --model, and report distinct-1/2, "
                     "self-BLEU, embedding diversity, persona-classifier style accuracy, style-marker rate and mode "
-                    "coverage/entropy (embedded corpus), and the NLL of the replies under --reference-model. "
-                    "Writes results.json, samples.json, report.md and metrics.png to --out.")
+                    "coverage/entropy/TV vs the known mode frequencies (embedded corpus), and quality proxies: each "
+                    "model's held-out NLL of the reference replies, the samples' NLL under --reference-model, exact "
+                    "valid-reply/on-topic rates (embedded corpus) and an optional --judge. Data: JSONL/JSON in the "
+                    "messages or prompt/completion format, or the Synthetic-Persona-Chat CSV. "
+                    "Writes results.json, samples.json, report.md and metrics.png to --out.",
+        epilog="examples:\n"
+               "  sfr eval dialogue --model runs/sft --model runs/sfr            # embedded eval split\n"
+               "  sfr eval dialogue --model runs/sfr --data ../shared/data/synthetic-persona-chat/test.csv \\\n"
+               "      --limit 50 --samples 8 --reference-model sfr-tiny\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     dialogue.add_argument("--model", action="append", required=True, metavar="DIR",
                           help="model directory, hub id or 'sfr-tiny'; repeat to compare models side by side")
     dialogue.add_argument("--data", default=None, metavar="FILE",
-                          help="messages-format JSONL (default: the embedded corpus' eval split)")
+                          help="dialogue data: JSONL/JSON (messages or prompt/completion) or Synthetic-Persona-Chat "
+                               "CSV (default: the embedded corpus' eval split)")
     dialogue.add_argument("--samples", type=_positive_int, default=8, help="replies per prompt (default 8)")
     dialogue.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default 64")
     dialogue.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -46,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="sentence encoder for embedding metrics (default all-MiniLM-L6-v2, offline)")
     dialogue.add_argument("--reference-model", default=None, metavar="DIR",
                           help="'base' model scoring the replies' NLL (a fluency proxy); omitted: not computed")
+    dialogue.add_argument("--no-heldout-nll", action="store_true",
+                          help="skip each model's NLL of the reference replies (a quality proxy; on by default)")
+    dialogue.add_argument("--judge", default=None, metavar="MODULE:FUNCTION",
+                          help="external judge: a callable judge(prompt_messages, reply) -> float, averaged as "
+                               "judge_score (e.g. an LLM-as-judge you write)")
+    dialogue.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                          help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers")
     dialogue.add_argument("--out", default="eval-dialogue", metavar="DIR", help="output directory")
 
     code = sub.add_parser(
@@ -53,8 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Sample --n completions per problem of a HumanEval (.jsonl[.gz]) or MBPP sanitized (.json) file, "
                     "run each program with its tests in a sandbox (bubblewrap when usable, else rlimits), and "
                     "report unbiased pass@k. Writes results.json, report.md and pass_at_k.png to --out.")
-    code.add_argument("--model", required=True, metavar="DIR", help="model directory, hub id or 'sfr-tiny'")
-    code.add_argument("--data", required=True, metavar="FILE", help="HumanEval.jsonl.gz or sanitized-mbpp.json")
+    code.add_argument("--model", action="append", required=True, metavar="DIR",
+                      help="model directory, hub id or 'sfr-tiny'; repeat to compare models side by side")
+    code.add_argument("--data", default=None, metavar="FILE",
+                      help="HumanEval.jsonl[.gz] or MBPP (sanitized-mbpp.json) format (default: 5 small embedded "
+                           "problems in the HumanEval format, a smoke test)")
     code.add_argument("--n", type=_positive_int, default=10, help="samples per problem (default 10)")
     code.add_argument("--k", type=_k_list, default=[1, 5, 10], help="comma-separated k values (default 1,5,10)")
     code.add_argument("--temperature", type=float, default=0.8, help="default 0.8")
@@ -69,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument("--sandbox", choices=("auto", "bwrap", "rlimit"), default="auto",
                       help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker fallback)")
     code.add_argument("--workers", type=_positive_int, default=None, help="programs run in parallel (default: CPUs)")
+    code.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                      help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers")
     code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory")
     parser.set_defaults(eval_parser=parser)
 
@@ -93,11 +114,15 @@ def _code(args) -> int:
 
     if max(args.k) > args.n:
         raise ValueError(f"--k {max(args.k)} > --n {args.n}: pass@k needs at least k samples per problem")
-    results = evaluate_code(args.model, args.data, n=args.n, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
-                            seed=args.seed, prompt_style=args.prompt_style, timeout=args.timeout,
-                            sandbox=args.sandbox, workers=args.workers)
-    written = write_code_report(results, args.out)
+    by_model = {}
+    for model in args.model:
+        name = model if model not in by_model else f"{model} ({len(by_model)})"
+        by_model[name] = evaluate_code(model, args.data, n=args.n, k=args.k, temperature=args.temperature,
+                                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                       batch_size=args.batch_size, seed=args.seed, prompt_style=args.prompt_style,
+                                       timeout=args.timeout, sandbox=args.sandbox, workers=args.workers,
+                                       backend=args.backend)
+    written = write_code_report(by_model if len(by_model) > 1 else next(iter(by_model.values())), args.out)
     print(open(written["report.md"], encoding="utf-8").read())
     print("wrote " + ", ".join(written.values()))
     return 0
@@ -112,10 +137,16 @@ def _dialogue(args) -> int:
         from sfr.corpus import default_corpus_path
 
         data = default_corpus_path("eval")
+    from sfr.eval.dialogue import load_judge
+
+    judge = load_judge(args.judge) if args.judge else None
+    if args.samples < 2:
+        raise ValueError("--samples must be at least 2 (diversity needs several replies per prompt)")
     results = evaluate_dialogue(args.model, data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, limit=args.limit,
                                 batch_size=args.batch_size, seed=args.seed, encoder=args.encoder,
-                                reference_model=args.reference_model)
+                                reference_model=args.reference_model, judge=judge,
+                                heldout_nll=not args.no_heldout_nll, backend=args.backend)
     written = write_dialogue_report(results, args.out)
     print(open(written["report.md"], encoding="utf-8").read())
     print("wrote " + ", ".join(written.values()))

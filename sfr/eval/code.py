@@ -9,8 +9,8 @@ Data formats (detected from the records):
 Prompts (:func:`build_prompt`), two styles:
 
 * ``"completion"`` (base models). HumanEval: the problem's ``prompt`` as is (signature + docstring);
-  the model continues the function body. MBPP: the usual few-shot-free prompt of Austin et al. 2021 /
-  the bigcode harness::
+  the model continues the function body (Chen et al. 2021). MBPP: the task prompt of Austin et al.
+  2021 (the format of their few-shot prompt, used zero-shot: without the three worked examples)::
 
       You are an expert Python programmer, and here is your task: {prompt} Your code should pass these tests:
 
@@ -92,14 +92,54 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def load_problems(path, limit: int | None = None) -> list[CodeProblem]:
-    """Load HumanEval or MBPP problems from ``path`` (format detected from the record keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"code data file {str(path)!r} does not exist or is not a file")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+# The embedded default (``--data`` omitted): a few small problems of our own in the HumanEval format, so
+# that ``sfr eval code`` runs offline with no data set. Far too easy to rank real models: use HumanEval /
+# MBPP for that.
+EMBEDDED_PROBLEMS = [
+    {"task_id": "sfr/0", "entry_point": "add_one",
+     "prompt": 'def add_one(x: int) -> int:\n    """Return x plus one.\n    >>> add_one(1)\n    2\n    """\n',
+     "canonical_solution": "    return x + 1\n",
+     "test": "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(-5) == -4\n"},
+    {"task_id": "sfr/1", "entry_point": "reverse_words",
+     "prompt": 'def reverse_words(text: str) -> str:\n    """Return the words of text in reverse order, separated by '
+               'single spaces.\n    >>> reverse_words("arr matey ahoy")\n    \'ahoy matey arr\'\n    """\n',
+     "canonical_solution": "    return ' '.join(reversed(text.split()))\n",
+     "test": "def check(candidate):\n    assert candidate('arr matey ahoy') == 'ahoy matey arr'\n"
+             "    assert candidate('  one  ') == 'one'\n    assert candidate('') == ''\n"},
+    {"task_id": "sfr/2", "entry_point": "count_vowels",
+     "prompt": 'def count_vowels(text: str) -> int:\n    """Count the vowels (a, e, i, o, u, either case) in text.\n'
+               '    >>> count_vowels("Bon appetit")\n    4\n    """\n',
+     "canonical_solution": "    return sum(ch in 'aeiouAEIOU' for ch in text)\n",
+     "test": "def check(candidate):\n    assert candidate('Bon appetit') == 4\n    assert candidate('BEEP') == 2\n"
+             "    assert candidate('xyz') == 0\n"},
+    {"task_id": "sfr/3", "entry_point": "running_max",
+     "prompt": 'def running_max(values: list) -> list:\n    """The maximum of values[:i + 1] for every i.\n'
+               '    >>> running_max([1, 3, 2, 5])\n    [1, 3, 3, 5]\n    """\n',
+     "canonical_solution": "    out = []\n    for v in values:\n        out.append(v if not out else max(out[-1], v))\n"
+                           "    return out\n",
+     "test": "def check(candidate):\n    assert candidate([1, 3, 2, 5]) == [1, 3, 3, 5]\n    assert candidate([]) == []\n"
+             "    assert candidate([-2, -7]) == [-2, -2]\n"},
+    {"task_id": "sfr/4", "entry_point": "is_palindrome",
+     "prompt": 'def is_palindrome(text: str) -> bool:\n    """Whether text reads the same backwards, ignoring case and '
+               'non-letters.\n    >>> is_palindrome("Never odd or even")\n    True\n    """\n',
+     "canonical_solution": "    letters = [ch.lower() for ch in text if ch.isalpha()]\n    return letters == letters[::-1]\n",
+     "test": "def check(candidate):\n    assert candidate('Never odd or even') is True\n"
+             "    assert candidate('pirate') is False\n    assert candidate('') is True\n"},
+]
+
+
+def load_problems(path=None, limit: int | None = None) -> list[CodeProblem]:
+    """Load HumanEval or MBPP problems from ``path`` (format detected from the record keys); ``None``:
+    the embedded default (:data:`EMBEDDED_PROBLEMS`)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    records = _read_records(path)[:limit]
+    if path is None:
+        records, path = [dict(r) for r in EMBEDDED_PROBLEMS][:limit], Path("<embedded>")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"code data file {str(path)!r} does not exist or is not a file")
+        records = _read_records(path)[:limit]
     problems = []
     for record in records:
         keys = set(record)
@@ -203,14 +243,15 @@ def score_completions(problems: Sequence[CodeProblem], completions: Sequence[Seq
             "timeout": timeout, "style": style, "problems": per_problem}
 
 
-def evaluate_code(model_or_path, data_path, n: int = 10, k: Sequence[int] = (1, 5, 10), temperature: float = 0.8,
+def evaluate_code(model_or_path, data_path=None, n: int = 10, k: Sequence[int] = (1, 5, 10), temperature: float = 0.8,
                   top_p: float = 0.95, max_new_tokens: int = 512, limit: int | None = None, batch_size: int = 8,
                   seed: int = 0, prompt_style: str = "auto", timeout: float = 3.0, sandbox: str = "auto",
-                  workers: int | None = None, tokenizer=None, progress: bool = True) -> dict:
+                  workers: int | None = None, tokenizer=None, backend: str = "auto", progress: bool = True) -> dict:
     """Sample ``n`` completions per problem from a model and score them (:func:`score_completions`).
 
     ``model_or_path``: a loaded ``PreTrainedModel`` (then pass ``tokenizer``), a directory / hub id,
-    or ``"sfr-tiny"``. Returns the :func:`score_completions` dict plus the sampling settings.
+    or ``"sfr-tiny"``. ``backend``: see :func:`sfr.eval.generation.resolve_backend`. Returns the
+    :func:`score_completions` dict plus the sampling settings.
     """
     ks = sorted({int(v) for v in k})
     if not isinstance(n, int) or n < 1:
@@ -221,10 +262,17 @@ def evaluate_code(model_or_path, data_path, n: int = 10, k: Sequence[int] = (1, 
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     problems = load_problems(data_path, limit)
     sandbox_mode(sandbox)  # fail before sampling if the sandbox cannot run
-    from sfr.eval.generation import load_model, sample
+    from sfr.eval.generation import load_model, resolve_backend, sample
 
     model_name = str(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else type(model_or_path).__name__
-    if isinstance(model_or_path, (str, os.PathLike)) or model_or_path is None:
+    chosen = resolve_backend(backend, model_or_path if model_or_path is not None else "sfr-tiny")
+    if chosen == "vllm":  # pragma: no cover - vLLM is not installed here
+        from transformers import AutoTokenizer
+
+        from sfr.eval.generation import resolve_model_path
+
+        model, tokenizer = str(model_or_path), AutoTokenizer.from_pretrained(resolve_model_path(model_or_path))
+    elif isinstance(model_or_path, (str, os.PathLike)) or model_or_path is None:
         model, tokenizer = load_model(model_or_path)
     else:
         if tokenizer is None:
@@ -235,11 +283,12 @@ def evaluate_code(model_or_path, data_path, n: int = 10, k: Sequence[int] = (1, 
         style = "chat" if getattr(tokenizer, "chat_template", None) else "completion"
     prompts = [build_prompt(problem, style) for problem in problems]
     completions = sample(model, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress)
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, backend=chosen,
+                         progress=progress)
     report = score_completions(problems, completions, k=ks, style=style, timeout=timeout, sandbox=sandbox,
                                workers=workers, progress=progress)
-    report.update(model=model_name, data=str(data_path), n=n, temperature=temperature, top_p=top_p,
-                  max_new_tokens=max_new_tokens, seed=seed)
+    report.update(model=model_name, data="<embedded>" if data_path is None else str(data_path), n=n,
+                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, backend=chosen)
     for row, samples in zip(report["problems"], completions):
         row["completions"] = list(samples)
     return report

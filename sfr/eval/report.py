@@ -94,27 +94,42 @@ def write_outputs(out_dir, files: Mapping[str, object], plots: Sequence[tuple] =
     return written
 
 
+def dialogue_columns(rows: Mapping[str, Mapping[str, object]], groups: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """``(metric, header)`` pairs of the dialogue metrics that at least one row has, in
+    :data:`sfr.eval.dialogue.METRICS` order (optionally only those of ``groups``), headers with their
+    direction arrow."""
+    from sfr.eval.dialogue import ARROWS, METRICS
+
+    return [(key, f"{label} {ARROWS[direction]}".strip()) for key, (label, direction, group) in METRICS.items()
+            if (groups is None or group in groups) and any(r.get(key) is not None for r in rows.values())]
+
+
 def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
     """``results.json``, ``samples.json``, ``report.md`` and ``metrics.png`` for :func:`evaluate_dialogue`."""
-    from sfr.eval.dialogue import METRICS
-
-    rows = results["models"]
-    columns = [(key, label + (" ↑" if higher else " ↓")) for key, (label, higher) in METRICS.items()
-               if any(r.get(key) is not None for r in rows.values())]
+    rows = {name: {k: v for k, v in metrics.items() if k != "per_prompt"} for name, metrics in results["models"].items()}
+    columns = dialogue_columns(rows)
+    table_rows = dict(rows)
+    if results.get("corpus"):
+        table_rows["corpus (known)"] = results["corpus"]
     settings = results.get("settings", {})
     md = ["# Dialogue evaluation", "",
           f"Data: `{settings.get('data')}` ({settings.get('num_prompts')} prompts, {settings.get('samples')} samples "
           f"each, temperature {settings.get('temperature')}, top-p {settings.get('top_p')}, "
           f"max {settings.get('max_new_tokens')} new tokens, seed {settings.get('seed')}).", "",
-          markdown_table(rows, columns),
-          "↑ higher is better, ↓ lower is better. Diversity metrics are per prompt (over its samples), "
-          "averaged over prompts; self-BLEU is on sacrebleu's 0-100 scale. Reference-model NLL is a fluency "
-          f"proxy under `{settings.get('reference_model')}`, not a quality judgement.", ""]
+          markdown_table(table_rows, columns),
+          "↑ higher is better, ↓ lower is better"
+          + (", → corpus: closest to the `corpus (known)` row (the corpus' known frequencies) is best" if
+             results.get("corpus") else "") + ". Every metric is computed per prompt (over its samples) and averaged over prompts; self-BLEU is on sacrebleu's "
+          "0-100 scale. Style accuracy: a logistic-regression persona classifier on sentence embeddings, trained on "
+          "the data's reference replies. Quality proxies: held-out NLL = the model's own NLL/token of the data's "
+          "reference replies (lower = the model still fits real replies); reference-model NLL = the samples' "
+          f"NLL/token under `{settings.get('reference_model')}` (fluency; also rewards bland text); valid-reply and "
+          "on-topic rate (embedded corpus only) are exact checks of well-formedness. See `sfr.eval.dialogue`.", ""]
     summary = {key: value for key, value in results.items() if key != "samples"}
     files = {"results.json": summary, "report.md": "\n".join(md)}
     if "samples" in results:
         files["samples.json"] = results["samples"]
-    return write_outputs(out_dir, files, [("metrics.png", rows, columns, "Dialogue evaluation")])
+    return write_outputs(out_dir, files, [("metrics.png", table_rows, columns, "Dialogue evaluation")])
 
 
 def write_code_report(results: dict, out_dir) -> dict[str, str]:

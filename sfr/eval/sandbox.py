@@ -8,14 +8,18 @@ Two isolation modes, chosen by ``mode``:
     everything it starts dies with the sandbox (``--die-with-parent``; killing bwrap kills the PID
     namespace). The host file system is mounted read-only (``--ro-bind / /``); ``/tmp`` is a private,
     size-limited tmpfs that is also the working directory (the scratch dir); ``/proc`` and ``/dev``
-    are private. The environment is cleared (``--clearenv``, then a minimal ``PATH``), and
+    are private; ``/run``, ``/home``, ``/root``, ``/mnt`` and ``/media`` are hidden behind empty,
+    read-only tmpfs mounts (:data:`MASKED_DIRS`: no host service sockets, no users' files; the interpreter's own prefix
+    is bound back read-only when it lives there). The environment is cleared (``--clearenv``, then a minimal ``PATH``), and
     ``--new-session`` detaches it from the controlling terminal.
 ``"rlimit"`` (fallback when bwrap is missing or unusable; weaker)
     The program runs in its own session / process group with a cleared environment, a fresh scratch
-    temp directory as its working directory, and a small "shepherd" parent that is a child
-    sub-reaper and kills every descendant when the program ends or times out. There is no network
+    temp directory as its working directory, and a small "shepherd" parent (running as the evaluating
+    user, so a program dropped to ``nobody`` cannot kill it) that is a child sub-reaper and kills every
+    descendant when the program ends, times out, or the evaluating process dies. There is no network
     or file-system isolation: it can connect to host ports and write wherever its user may, and its
     scratch dir lives on the host's temp file system (file size is limited per file, not in total).
+    Without root, the program runs as this very user and can signal this user's processes.
 
 In both modes, resource limits are set with ``setrlimit`` before any program code runs (by the runner
 script, and in rlimit mode first by the shepherd; inherited by everything the program starts): CPU
@@ -30,11 +34,13 @@ Output is capped: at most :attr:`SandboxLimits.output_bytes` of each stream is k
 tail), the pipes are drained so a flood cannot block, and a program whose output passes
 :attr:`SandboxLimits.output_kill_bytes` is killed.
 
-A program *passes* only if its code ran to the end: the runner executes it and then prints a random
-per-run token (``uuid4``) on its own line; the token is not in the program text (the runner reads it
-from stdin, which it then closes). ``passed`` iff the exit code is 0 and the token was printed, so an
-early ``exit(0)`` / ``os._exit(0)`` fails. (A program that deliberately digs the token out of the
-interpreter's memory could forge a pass; model-generated code does not do that.)
+A program *passes* only if its code ran to the end: the runner executes it and then writes a random
+per-run token (``uuid4``) on its own line straight to file descriptor 1 (so a program that replaced
+``sys.stdout`` still passes); the token is not in the program text (the runner reads it from stdin,
+which it then closes). ``passed`` iff the exit code is 0 and the token is the last line of stdout, so
+an early ``exit(0)`` / ``os._exit(0)`` / ``raise SystemExit`` fails. (A program that deliberately digs
+the token out of the runner's frame could forge a pass: this guards against generated code that stops
+early, not against code written to defeat the check.)
 """
 from __future__ import annotations
 
@@ -85,19 +91,27 @@ def _sfr_run(path):
         source = f.read()
     code = compile(source, path, "exec")
     exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stdout.write("\n" + token + "\n")
-    sys.stdout.flush()
+    for stream in (sys.stdout, sys.__stdout__):  # the program may have replaced or closed sys.stdout
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.write(1, ("\n" + token + "\n").encode())
 _sfr_run(sys.argv[1])
 """
 
-# rlimit mode only: the program's parent. It becomes a child sub-reaper (orphans of the program are
-# re-parented to it, so a double fork cannot escape), forwards the exit status, and on exit or SIGTERM
-# kills every descendant it can find.
+# rlimit mode only: the program's parent. It runs as the evaluating user (so a program running as
+# 'nobody' cannot signal it), becomes a child sub-reaper (orphans of the program are re-parented to it,
+# so a double fork or a new session cannot escape), drops the program to the given uid/gid, forwards
+# the exit status, and kills every descendant when the program ends, on SIGTERM, when the evaluating
+# process dies (PR_SET_PDEATHSIG) and at a wall-clock backstop (SIGALRM, a few seconds after the
+# timeout). argv: spec, evaluator pid, uid or "-", gid or "-", then the program's command.
 SHEPHERD = LIMITS + r"""
 import ctypes, os, signal, sys, time
-_sfr_limit(sys.argv[1])
-ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+libc = ctypes.CDLL(None, use_errno=True)
+spec, evaluator, uid, gid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+_sfr_limit(spec)
+libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 me = os.getpid()
 def children():
     found = []
@@ -132,10 +146,19 @@ def on_term(signum, frame):
     kill_descendants()
     os._exit(128 + signum)
 signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGALRM, on_term)
+signal.alarm(int(spec.split(",")[0]) + 4)
+libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: the evaluator dies -> SIGTERM -> clean up
+if os.getppid() != evaluator:  # it died before the line above
+    on_term(signal.SIGTERM, None)
 child = os.fork()
 if child == 0:
     try:
-        os.execv(sys.argv[2], sys.argv[2:])
+        if uid != "-":
+            os.setgroups([])
+            os.setgid(int(gid))
+            os.setuid(int(uid))
+        os.execv(sys.argv[5], sys.argv[5:])
     finally:
         os._exit(127)
 while True:
@@ -233,14 +256,47 @@ def _candidate_interpreters() -> list[str]:
     return found
 
 
+def _gid_of(uid: int) -> int:
+    return NOBODY_GID if uid == NOBODY_UID else uid
+
+
 def _user_kwargs(uid: int | None) -> dict:
     if uid is None:
         return {}
-    return {"user": uid, "group": NOBODY_GID if uid == NOBODY_UID else uid, "extra_groups": []}
+    return {"user": uid, "group": _gid_of(uid), "extra_groups": []}
+
+
+# Host directories hidden behind an empty tmpfs in bwrap mode ("mask"): sockets of host services
+# (/run: docker, dbus, systemd; a read-only mount does not stop connect() on a Unix socket) and users'
+# files (keys, credentials). The interpreter's own prefix is bound back when it lives under one of them.
+MASKED_DIRS = ("/run", "/var/run", "/home", "/root", "/mnt", "/media")
+
+
+def _interpreter_paths(interpreter: str) -> list[str]:
+    """Directories the interpreter needs (its prefixes and its binary's folder), as far as we know them."""
+    paths = {os.path.dirname(os.path.realpath(interpreter)), os.path.dirname(os.path.abspath(interpreter))}
+    if os.path.realpath(interpreter) == os.path.realpath(sys.executable):
+        paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+        paths |= {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    return sorted(p for p in paths if p and os.path.isdir(p))
+
+
+def _mask_arguments(interpreter: str) -> list[str]:
+    masked = [d for d in MASKED_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    arguments = [flag for d in masked for flag in ("--tmpfs", d)]
+    kept: list[str] = []
+    for path in _interpreter_paths(interpreter):  # sorted: a folder comes before its subfolders
+        inside_mask = any(path == d or path.startswith(d + "/") for d in masked)
+        if inside_mask and not any(path == k or path.startswith(k + "/") for k in kept):
+            kept.append(path)
+            arguments += ["--ro-bind", path, path]
+    return arguments + [flag for d in masked for flag in ("--remount-ro", d)]  # empty and read-only
 
 
 def _bwrap_command(backend: _Backend, limits: SandboxLimits, program_path: str, argv: list[str]) -> list[str]:
     command = [backend.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
+    if "mask" in backend.bwrap_extra:
+        command += _mask_arguments(backend.interpreter)
     if "--size" in backend.bwrap_extra:
         command += ["--size", str(limits.scratch_bytes)]
     command += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp",
@@ -256,13 +312,15 @@ def _probe(mode: str) -> _Backend | None:
     """Find a working (uid, interpreter[, bwrap flags]) for ``mode`` by running a trivial program.
 
     Candidates in order of preference: as ``nobody`` when root, then as ourselves; the current
-    interpreter, then the system ``python3``; bwrap with ``--size`` and ``--disable-userns``, then
-    without the flags an older bwrap lacks."""
+    interpreter, then the system ``python3``; bwrap with the masked host directories, ``--size`` and
+    ``--disable-userns``, then without what an older bwrap (or an interpreter under a masked
+    directory) does not allow."""
     limits = SandboxLimits(timeout=10.0)
     bwrap = shutil.which("bwrap") if mode == "bwrap" else None
     if mode == "bwrap" and bwrap is None:
         return None
-    flag_sets = [("--size", "--disable-userns"), ("--size",), ()] if mode == "bwrap" else [()]
+    flag_sets = [("mask", "--size", "--disable-userns"), ("mask", "--size"), ("mask",),
+                 ("--size", "--disable-userns"), ("--size",), ()] if mode == "bwrap" else [()]
     for uid in _candidate_uids():
         for interpreter in _candidate_interpreters():
             for flags in flag_sets:
@@ -415,8 +473,10 @@ def _execute(backend: _Backend, program: str, limits: SandboxLimits) -> ProgramR
             cwd = "/"
         else:
             if backend.uid is not None:
-                os.chown(scratch, backend.uid, NOBODY_GID if backend.uid == NOBODY_UID else backend.uid)
-            argv = [backend.interpreter, "-I", "-c", SHEPHERD, spec] + run_argv + [program_path, spec]
+                os.chown(scratch, backend.uid, _gid_of(backend.uid))
+            ids = ["-", "-"] if backend.uid is None else [str(backend.uid), str(_gid_of(backend.uid))]
+            argv = ([backend.interpreter, "-I", "-c", SHEPHERD, spec, str(os.getpid()), *ids] + run_argv
+                    + [program_path, spec])
             cwd = scratch
         return _run(argv, cwd, token, limits, backend)
     finally:
@@ -427,9 +487,10 @@ def _run(argv, cwd, token, limits, backend) -> ProgramResult:
     env = {"PATH": SANDBOX_PATH, "HOME": cwd, "LANG": "C.UTF-8"}
     start = time.monotonic()
     try:
+        # bwrap runs as the program's user; the rlimit shepherd runs as us and drops the program itself
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                   **_user_kwargs(backend.uid))
+                                   **(_user_kwargs(backend.uid) if backend.mode == "bwrap" else {}))
     except OSError as exc:
         return ProgramResult("error", None, "", "", backend.mode, 0.0, reason=f"could not start: {exc}")
     try:

@@ -63,3 +63,99 @@ def test_fork_scores_separate_locked_from_forked_futures():
 def test_html_marks_response_tokens():
     page = render_html([{"index": 0, "tokens": ["<a>", "b", "c"], "positions": [0, 1], "fork_scores": [0.1, 0.4]}])
     assert "&lt;a&gt;" in page and 'title="fork 0.400"' in page and 'title="fork 0.100"' in page
+    # token t is coloured by the score of position t - 1; the page's lowest score is white, the highest red
+    assert '<span title="fork 0.100" style="background: rgba(220,40,40,0.00)">b</span>' in page
+    assert '<span title="fork 0.400" style="background: rgba(220,40,40,1.00)">c</span>' in page
+    assert '<span style="color:#888">&lt;a&gt;</span>' in page  # context: no score
+
+
+# ---- on a real `sfr train` output directory ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few steps of `sfr train` (SFR objective) on the embedded default: a real output directory."""
+    from sfr.trainer import SFRTrainingArguments, train
+
+    out = tmp_path_factory.mktemp("sfr-run")
+    args = SFRTrainingArguments.for_embedded_default(output_dir=str(out), objective="sfr", max_steps=6, phase_a_steps=2,
+                                                     ramp_steps=2, warmup_steps=0, logging_steps=2,
+                                                     save_strategy="no", report_to=[], disable_tqdm=True,
+                                                     use_cpu=True)
+    train(args)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_data():
+    from sfr.corpus import default_corpus_path
+
+    return default_corpus_path("eval")
+
+
+def test_diagnose_cli_on_a_trained_model(trained, eval_data, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfr.cli import main
+    from sfr.data import load_records, tokenize_example
+    from sfr.model import load_flow_head
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--model", str(trained), "--data", str(eval_data), "--out", str(out), "--limit", "2",
+                 "--num-draws", "4", "--steps", "4", "--solver", "euler", "--seed", "5"]) == 0
+    assert "mean fork score" in capsys.readouterr().out
+    report = json.loads((out / "fork_scores.json").read_text())
+    assert (out / "fork_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "fork_scores.html").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    records = load_records(eval_data)[:2]
+    assert len(report["examples"]) == 2
+    for record, example in zip(records, report["examples"]):
+        tokens = tokenize_example(record, tokenizer, max_length=512)
+        labels = tokens["labels"]
+        # every position whose next token is a response token is scored, and only those
+        assert example["positions"] == [t for t in range(len(labels) - 1) if labels[t + 1] != -100]
+        assert len(example["fork_scores"]) == len(example["positions"]) > 0
+        assert all(0.0 <= s <= 2.0 for s in example["fork_scores"])
+        assert len(example["endpoint_norms"]) == len(example["positions"]) and min(example["endpoint_norms"]) > 0
+    assert page.count('title="fork ') == report["anchors"] == sum(len(e["positions"]) for e in report["examples"])
+    assert report["mean_fork_score"] == pytest.approx(
+        sum(s for e in report["examples"] for s in e["fork_scores"]) / report["anchors"])
+    # recompute the first example's scores from the saved model and head, same seed
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
+    head, config = load_flow_head(trained / "sfr_head")
+    assert report["source_std"] == config["source_std"]
+    assert report["source_norm"] == pytest.approx(config["source_std"] * head.embed_dim ** 0.5)
+    ids = torch.tensor(tokenize_example(records[0], tokenizer, max_length=512)["input_ids"])[None]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+    expected = fork_scores(head, hidden[report["examples"][0]["positions"]], num_draws=4, steps=4, solver="euler",
+                           source_std=config["source_std"], seed=5)
+    assert report["examples"][0]["fork_scores"] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_diagnose_bad_input_is_a_clear_error(trained, eval_data, tmp_path, capsys):
+    import shutil
+
+    from sfr.cli import main
+
+    no_head = tmp_path / "sft-like"
+    shutil.copytree(trained, no_head, ignore=shutil.ignore_patterns("sfr_head"))
+    cases = [
+        (["--model", str(no_head), "--data", str(eval_data)], "no sfr_head"),
+        (["--model", str(tmp_path / "nope"), "--data", str(eval_data)], "does not exist"),
+        (["--model", str(trained), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--model", str(trained), "--data", str(eval_data), "--num-draws", "1"], "num_draws"),
+        (["--model", str(trained), "--data", str(eval_data), "--steps", "0"], "steps"),
+    ]
+    weird = tmp_path / "weird.jsonl"
+    weird.write_text('{"question": "?"}\n')
+    cases.append((["--model", str(trained), "--data", str(weird)], "no known format"))
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\xff\xfe\x00not json")
+    cases.append((["--model", str(trained), "--data", str(garbage)], "garbage.jsonl"))
+    for argv, message in cases:
+        assert main(["diagnose", *argv, "--out", str(tmp_path / "o")]) == 2, argv
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("sfr diagnose: error:") and message in last, (argv, err)

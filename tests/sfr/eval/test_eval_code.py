@@ -106,3 +106,30 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(shared_data, name):
     assert good["pass_at_k"]["pass@1"] == 1.0, [r["first_failure"] for r in good["problems"]]
     bad = score_completions(problems, wrong, k=(1,), timeout=5.0, progress=False)
     assert bad["pass_at_k"]["pass@1"] == 0.0
+
+
+def test_embedded_problems_canonical_solutions_pass_and_wrong_ones_fail():
+    from sfr.eval.code import EMBEDDED_PROBLEMS
+
+    problems = load_problems(None)
+    assert [p.task_id for p in problems] == [r["task_id"] for r in EMBEDDED_PROBLEMS] and len(problems) == 5
+    assert all(p.kind == "humaneval" for p in problems) and len(load_problems(None, limit=2)) == 2
+    # as a completion-style model would answer (the body), and as a chat model would (the whole function)
+    bodies = [[p.canonical_solution, "    pass\n"] for p in problems]
+    report = score_completions(problems, bodies, k=(1, 2), timeout=5.0, progress=False)
+    assert [row["statuses"] for row in report["problems"]] == [["passed", "failed"]] * 5
+    assert report["pass_at_k"] == {"pass@1": 0.5, "pass@2": 1.0}
+    whole = [["```python\n" + p.prompt + p.canonical_solution + "```"] for p in problems]
+    assert score_completions(problems, whole, k=(1,), style="chat", timeout=5.0,
+                             progress=False)["pass_at_k"]["pass@1"] == 1.0
+
+
+def test_rlimit_fallback_warns_that_isolation_is_weaker(monkeypatch):
+    from sfr.eval import sandbox
+
+    if not sandbox.sandbox_available("rlimit"):
+        pytest.skip("rlimit sandbox not usable here")
+    monkeypatch.setattr(sandbox, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="weaker isolation"):
+        result = sandbox.check_program("print('ok')\n", mode="rlimit")
+    assert result.passed and result.sandbox == "rlimit"

@@ -38,19 +38,94 @@ def test_load_dialogue_merges_identical_prompts_and_limits(tmp_path):
     assert len(load_dialogue(path, limit=1)) == 1
 
 
-@pytest.mark.parametrize("content, match", [
-    ("not json\n", "not a JSON line"),
-    (json.dumps({"text": "hello"}) + "\n", "unknown format"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", "last message must be the assistant"),
-    ("\n", "no conversations"),
+@pytest.mark.parametrize("name, content, match", [
+    ("bad.jsonl", "not json\n", "cannot read dialogue data .*line 1"),
+    ("bad.jsonl", json.dumps({"text": "hello"}) + "\n", "no known format"),
+    ("bad.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+     "last message must be the assistant"),
+    ("bad.jsonl", "\n", "cannot read dialogue data .*empty"),
+    ("bad.xml", "<a/>", "unknown type"),
+    ("bad.jsonl.gz", "not gzip at all", "cannot read dialogue data"),
 ])
-def test_load_dialogue_bad_input(tmp_path, content, match):
-    path = tmp_path / "bad.jsonl"
+def test_load_dialogue_bad_input(tmp_path, name, content, match):
+    path = tmp_path / name
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
         load_dialogue(path)
-    with pytest.raises(ValueError, match="missing.jsonl"):
+    with pytest.raises(ValueError, match="missing.jsonl.*does not exist"):
         load_dialogue(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="limit"):
+        load_dialogue(tmp_path / name, limit=0)
+
+
+def test_load_dialogue_prompt_completion_formats(tmp_path):
+    path = _write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "Once upon a time", "completion": " there was a fox."},
+        {"prompt": [{"role": "system", "content": "pirate"}, {"role": "user", "content": "hi"}],
+         "completion": [{"role": "assistant", "content": "Arr!"}]},
+    ])
+    text, chat = load_dialogue(path)
+    assert text.text == "Once upon a time" and text.model_input == "Once upon a time"
+    assert text.references == [" there was a fox."] and text.system == ""
+    assert chat.text is None and chat.model_input == chat.messages and chat.system == "pirate"
+    assert chat.references == ["Arr!"] and not chat.is_corpus
+
+
+def _persona_chat_csv(path):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user 1 personas", "user 2 personas", "Best Generated Conversation"])
+        writer.writerow(["I like cats.\nI am a baker.", "I surf.", "User 1: Hi!\nUser 2: Hello, I surf.\n"
+                         "User 1: I bake bread.\nUser 2: Cool!"])
+    return path
+
+
+def test_load_dialogue_reads_persona_chat_csv(tmp_path):
+    prompts = load_dialogue(_persona_chat_csv(tmp_path / "chat.csv"))
+    # one prompt per turn after the first: its speaker's persona as the system message
+    assert [p.references for p in prompts] == [["Hello, I surf."], ["I bake bread."], ["Cool!"]]
+    assert prompts[0].system == "I surf." and prompts[1].system == "I like cats. I am a baker."
+    assert prompts[1].messages[1:] == [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hello, I surf."}]
+    # persona-chat records carry a free-text "persona": not a corpus persona, so no corpus metrics
+    assert not any(p.is_corpus for p in prompts)
+    metrics = score_replies(prompts, [["I surf a lot.", "Waves!"]] * 3)
+    assert metrics["style_marker_rate"] is None and metrics["mode_coverage"] is None
+    assert metrics["distinct_1"] == pytest.approx(1.0)
+
+
+def test_shared_persona_chat_loads(shared_data):
+    path = shared_data / "synthetic-persona-chat" / "test.csv"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    prompts = load_dialogue(path, limit=40)
+    assert len(prompts) == 40 and all(len(p.references) == 1 for p in prompts)
+    assert len({p.system for p in prompts}) >= 2 and all(p.messages[0]["role"] == "system" for p in prompts)
+
+
+def test_corpus_valid_replies_accept_every_reference_and_reject_other_personas():
+    corpus = pytest.importorskip("sfr.corpus")
+    from sfr.eval.dialogue import _normalise, corpus_valid_replies
+
+    for record in corpus.build_corpus("eval"):
+        reply = record["messages"][-1]["content"]
+        assert _normalise(reply) in corpus_valid_replies(record["persona"], record["prompt_id"])
+        other = next(p for p in corpus.PERSONAS if p != record["persona"])
+        assert _normalise(reply) not in corpus_valid_replies(other, record["prompt_id"])
+    assert "" not in corpus_valid_replies("pirate", "dinner")
+
+
+def test_judge_loader(tmp_path, monkeypatch):
+    from sfr.eval.dialogue import load_judge
+
+    (tmp_path / "my_judge.py").write_text("def score(messages, reply):\n    return float(len(reply))\nNOT = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_judge("my_judge:score")([], "abc") == 3.0
+    for spec, match in (("my_judge", "module:function"), ("nope_module:f", "cannot import"),
+                        ("my_judge:missing", "cannot import"), ("my_judge:NOT", "not callable")):
+        with pytest.raises(ValueError, match=match):
+            load_judge(spec)
 
 
 def test_nearest_centroid_and_logistic_classifiers_separate_clusters():
@@ -93,6 +168,9 @@ def test_scores_on_the_embedded_corpus_references(encoder):
     expected_entropy = np.mean([-sum(q * math.log(q) for q in corpus.mode_frequencies(p.prompt_id).values() if q > 0)
                                 for p in prompts])
     assert faithful["mode_entropy"] == pytest.approx(expected_entropy)
+    assert faithful["valid_reply_rate"] == 1.0 and faithful["on_topic_rate"] == 1.0
+    assert len(faithful["per_prompt"]["distinct_1"]) == 6
+    assert faithful["distinct_1"] == pytest.approx(np.mean(faithful["per_prompt"]["distinct_1"]))
     # a collapsed model: one reply repeated, with another persona's style
     other = {p.system: next(q for q in prompts if q.system != p.system) for p in prompts}
     collapsed = score_replies(prompts, [[other[p.system].references[0]] * 4 for p in prompts], encoder,
@@ -100,6 +178,8 @@ def test_scores_on_the_embedded_corpus_references(encoder):
     assert collapsed["self_bleu"] == pytest.approx(100.0) and collapsed["distinct_1"] < faithful["distinct_1"]
     assert collapsed["embedding_diversity"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["mode_entropy"] == 0.0 and collapsed["style_accuracy"] <= 0.1
+    assert collapsed["valid_reply_rate"] == 0.0  # well-formed, but in another persona's style
+    assert collapsed["style_marker_rate"] == 0.0  # each persona's marker matches none of the others' replies
     assert faithful["embedding_diversity"] > 0.05
 
 

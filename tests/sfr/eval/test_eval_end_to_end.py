@@ -1,6 +1,7 @@
 """Generation, NLL and the CLI through the real tiny model (``sfr-tiny``; skipped if it cannot be built)."""
 import gzip
 import json
+import math
 
 import pytest
 import torch
@@ -45,6 +46,32 @@ def test_sample_shapes_seed_and_greedy(tiny):
         sample(model, tokenizer, MESSAGES, n=0)
 
 
+def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tiny):
+    model, tokenizer = tiny
+    limit = model.config.max_position_embeddings
+    long_turn = "pasta " * (3 * limit)
+    messages = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": long_turn}]]
+    replies = sample(model, tokenizer, messages, n=2, max_new_tokens=8, progress=False)
+    assert len(replies[0]) == 2
+    with pytest.raises(ValueError, match="no room"):
+        sample(model, tokenizer, messages, n=1, max_new_tokens=limit, progress=False)
+    total, count = reply_nll(model, tokenizer, messages, [" Arr!"])
+    assert count > 0 and math.isfinite(total)
+
+
+def test_backend_choice():
+    from sfr.eval.generation import resolve_backend, vllm_available
+
+    assert resolve_backend("transformers", "sfr-tiny") == "transformers"
+    assert resolve_backend("auto", object()) == "transformers"  # a loaded model: always transformers
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("onnx", "sfr-tiny")
+    if not vllm_available():
+        assert resolve_backend("auto", "sfr-tiny") == "transformers"
+        with pytest.raises(ValueError, match="vLLM is not installed"):
+            resolve_backend("vllm", "sfr-tiny")
+
+
 def test_reply_nll_matches_the_model_loss(tiny):
     model, tokenizer = tiny
     reply = " Arr, pasta tonight!"
@@ -71,6 +98,13 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
                                 reference_model=(model, tokenizer), progress=False)
     metrics = results["models"]["tiny"]
     assert 0 <= metrics["distinct_1"] <= 1 and metrics["reference_nll"] > 0
+    # the samples' NLL under the reference model (here: the model itself) and the references' NLL
+    replies = results["samples"]["tiny"][0]["replies"]
+    total, count = reply_nll(model, tokenizer, [MESSAGES[0]] * 2, replies)
+    if count:  # (both samples may be empty strings from this untrained model)
+        assert metrics["per_prompt"]["reference_nll"][0] == pytest.approx(total / count, rel=1e-5)
+    total, count = reply_nll(model, tokenizer, [MESSAGES[1]], ["BEEP. All systems nominal."])
+    assert metrics["per_prompt"]["heldout_nll"][1] == pytest.approx(total / count, rel=1e-5)
     assert metrics["style_accuracy"] is not None and metrics["mode_coverage"] is None  # no corpus labels here
     assert len(results["samples"]["tiny"]) == 2
     json.dumps(results)
@@ -83,6 +117,32 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert "sfr-tiny" in saved["models"] and (out / "metrics.png").stat().st_size > 0
     assert "| sfr-tiny |" in (out / "report.md").read_text()
+
+    # Synthetic-Persona-Chat CSV, two models side by side, an external judge from the command line
+    import csv
+    import sys
+
+    chat = tmp_path / "chat.csv"
+    with open(chat, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user 1 personas", "user 2 personas", "Best Generated Conversation"])
+        writer.writerow(["I like cats.", "I surf.", "User 1: Hi!\nUser 2: Hello, I surf.\nUser 1: I bake bread."])
+    (tmp_path / "judge_for_test.py").write_text("def judge(messages, reply):\n    return 0.25\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        out = tmp_path / "chat-out"
+        assert main(["eval", "dialogue", "--model", "sfr-tiny", "--model", "sfr-tiny", "--data", str(chat),
+                     "--samples", "2", "--max-new-tokens", "4", "--judge", "judge_for_test:judge",
+                     "--out", str(out)]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["models"]) == ["sfr-tiny", "sfr-tiny (1)"] and saved["settings"]["num_prompts"] == 2
+    assert all(m["judge_score"] == 0.25 for m in saved["models"].values())
+    # the same model and seed side by side: the same samples, the same numbers
+    assert saved["models"]["sfr-tiny"]["distinct_1"] == saved["models"]["sfr-tiny (1)"]["distinct_1"]
+    assert main(["eval", "dialogue", "--model", "sfr-tiny", "--data", str(chat), "--judge", "nope"]) == 2
+    assert main(["eval", "dialogue", "--model", "sfr-tiny", "--data", str(tmp_path / "nope.csv")]) == 2
 
 
 def test_code_cli_end_to_end_and_errors(tiny, tmp_path, capsys):
@@ -100,9 +160,52 @@ def test_code_cli_end_to_end_and_errors(tiny, tmp_path, capsys):
     row = saved["problems"][0]
     assert row["n"] == 2 and 0 <= row["c"] <= 2 and len(row["completions"]) == 2
     assert saved["pass_at_k"]["pass@2"] >= saved["pass_at_k"]["pass@1"]
+    assert saved["sandbox"] in ("bwrap", "rlimit") and (out / "pass_at_k.png").is_file()
+    # MBPP format, two models side by side
+    mbpp = tmp_path / "mbpp.json"
+    mbpp.write_text(json.dumps([{"task_id": 7, "prompt": "Return one.", "code": "def one():\n    return 1",
+                                 "test_imports": [], "test_list": ["assert one() == 1"]}]))
+    both = tmp_path / "code-both"
+    assert main(["eval", "code", "--model", "sfr-tiny", "--model", "sfr-tiny", "--data", str(mbpp), "--n", "2",
+                 "--k", "1", "--max-new-tokens", "4", "--out", str(both)]) == 0
+    saved = json.loads((both / "results.json").read_text())
+    assert sorted(saved) == ["sfr-tiny", "sfr-tiny (1)"]
+    assert all(r["problems"][0]["task_id"] == "7" and r["n"] == 2 for r in saved.values())
+    assert "| sfr-tiny (1) |" in (both / "report.md").read_text()
+    # no --data: the embedded problems
+    embedded = tmp_path / "code-embedded"
+    assert main(["eval", "code", "--model", "sfr-tiny", "--n", "1", "--k", "1", "--max-new-tokens", "4",
+                 "--limit", "2", "--out", str(embedded)]) == 0
+    saved = json.loads((embedded / "results.json").read_text())
+    assert saved["data"] == "<embedded>" and [r["task_id"] for r in saved["problems"]] == ["sfr/0", "sfr/1"]
     assert main(["eval", "code", "--model", "sfr-tiny", "--data", str(data), "--n", "2", "--k", "1,5"]) == 2
     assert "--k 5 > --n 2" in capsys.readouterr().err
     assert main(["eval", "code", "--model", "sfr-tiny", "--data", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "code", "--model", "x", "--data", str(data), "--sandbox", "docker"])
+
+
+def test_cli_on_the_shared_data(tiny, shared_data, tmp_path):
+    from sfr.cli import main
+
+    chat = shared_data / "synthetic-persona-chat" / "test.csv"
+    if chat.exists():
+        out = tmp_path / "chat"
+        assert main(["eval", "dialogue", "--model", "sfr-tiny", "--data", str(chat), "--limit", "3", "--samples", "2",
+                     "--max-new-tokens", "4", "--out", str(out)]) == 0
+        saved = json.loads((out / "results.json").read_text())
+        metrics = saved["models"]["sfr-tiny"]
+        assert saved["settings"]["num_prompts"] == 3 and saved["settings"]["style_classes"] >= 2
+        assert metrics["style_accuracy"] is not None and metrics["heldout_nll"] > 0
+        assert metrics["mode_coverage"] is None and saved["corpus"] is None  # not the embedded corpus
+    for name in ("humaneval/HumanEval.jsonl.gz", "mbpp/sanitized-mbpp.json"):
+        path = shared_data / name
+        if not path.exists():
+            continue
+        out = tmp_path / path.name
+        assert main(["eval", "code", "--model", "sfr-tiny", "--data", str(path), "--limit", "1", "--n", "2", "--k", "1",
+                     "--max-new-tokens", "8", "--out", str(out)]) == 0
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["num_problems"] == 1 and saved["problems"][0]["n"] == 2
+        assert 0.0 <= saved["pass_at_k"]["pass@1"] <= 1.0

@@ -98,3 +98,31 @@ def test_mode_statistics_hand_computed():
     collapsed = mode_statistics(["pasta"] * 5, reference)
     assert collapsed["entropy"] == 0.0 and collapsed["coverage"] == pytest.approx(1 / 3)
     assert mode_statistics([None, None], reference)["total_variation"] == 1.0
+
+
+def test_self_bleu_hand_computed():
+    # hypothesis "a b c d" vs reference "a b c e": 1-4-gram precisions 3/4, 2/3, 1/2, 0/1; sacrebleu's
+    # "exp" smoothing turns the zero 4-gram precision into 1 / (2 * 1); equal lengths: no brevity penalty
+    expected = 100 * (0.75 * (2 / 3) * 0.5 * 0.5) ** 0.25
+    assert self_bleu(["a b c d", "a b c e"]) == pytest.approx(expected, rel=1e-9)
+    # three samples: each one against the two others (multi-reference clipping takes the max count)
+    texts = ["a b c d", "a b c e", "x y z w"]
+    assert self_bleu(texts) == pytest.approx((expected + expected + 0.0) / 3, abs=1e-6)
+
+
+def test_paired_bootstrap_interval():
+    from sfr.eval.metrics import paired_bootstrap
+
+    a = [0.1, 0.2, 0.3, 0.4]
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0 and same["n"] == 4
+    shifted = paired_bootstrap(a, [v + 0.5 for v in a])
+    assert shifted["diff"] == pytest.approx(0.5) and shifted["low"] == pytest.approx(0.5)
+    noisy = paired_bootstrap([0.0] * 6, [1.0, -1.0, 1.0, -1.0, 1.0, -1.0], num_resamples=4000, seed=3)
+    assert noisy["diff"] == 0.0 and noisy["low"] < 0 < noisy["high"]  # no clear difference
+    better = paired_bootstrap([0.0] * 8, [0.9, 1.1, 1.0, 0.8, 1.2, 1.0, 0.95, 1.05])
+    assert 0.8 <= better["low"] < better["diff"] < better["high"] <= 1.2
+    single = paired_bootstrap([1.0], [2.0])
+    assert single["diff"] == 1.0 and math.isnan(single["low"])
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap([1.0], [1.0, 2.0])

@@ -5,10 +5,12 @@ isolation; when it runs programs as this very user it cannot protect this user's
 and those cases are skipped with the reason.
 """
 import os
+import shutil
 import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +78,11 @@ def test_ordinary_programs_pass_fail_and_use_scratch(mode):
     assert failed.status == "failed" and not failed.passed and "AssertionError" in failed.stderr
     broken, _ = _run("def f(:\n", mode)
     assert broken.status == "error" and "SyntaxError" in broken.reason
+    crashed, _ = _run("raise KeyError('boom')\n", mode)
+    assert crashed.status == "error" and "KeyError" in crashed.reason
+    # a program that swaps out sys.stdout (as tests capturing output do) still passes when it finishes
+    swapped, _ = _run("import io, sys\nsys.stdout = io.StringIO()\nprint('hidden')\nassert True\n", mode)
+    assert swapped.passed, swapped
 
 
 @pytest.mark.parametrize("mode", _modes())
@@ -87,9 +94,10 @@ def test_exiting_early_is_a_failure(mode, early_exit):
 
 
 @pytest.mark.parametrize("mode", _modes())
-def test_infinite_loop_times_out(mode):
-    result, elapsed = _run("while True:\n    pass\n", mode)
-    assert result.status == "timeout" and not result.passed
+@pytest.mark.parametrize("program", ["while True:\n    pass\n", "import time\ntime.sleep(3600)\n"])
+def test_infinite_loop_times_out(mode, program):
+    result, elapsed = _run(program, mode)
+    assert result.status == "timeout" and not result.passed and "still running" in result.reason
     assert TIMEOUT <= elapsed < TIMEOUT + SLACK
     _assert_no_leftovers()
 
@@ -124,22 +132,103 @@ def test_memory_bomb_is_contained(mode):
     assert huge.status == "error" and "MemoryError" in huge.reason
 
 
+@pytest.fixture(params=["tmp", "outside-tmp"])
+def host_dir(request, tmp_path):
+    """A host directory the program knows the path of: under /tmp, and outside /tmp (next to this test
+    file), so that a private /tmp alone cannot make the test pass. World-readable, owned by us."""
+    if request.param == "tmp":
+        folder = tmp_path / "host"
+        folder.mkdir()
+    else:
+        folder = Path(__file__).resolve().parent / f".sandbox-host-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.parametrize("mode", _modes())
-def test_cannot_write_or_delete_host_files(mode, tmp_path):
+def test_cannot_write_or_delete_host_files(mode, host_dir):
     _skip_unless_isolated_from_this_user(mode)
-    keep = tmp_path / "keep.txt"
+    keep = host_dir / "keep.txt"
     keep.write_text("precious")
-    target = tmp_path / "pwned.txt"
+    os.chmod(keep, 0o644)
+    target = host_dir / "pwned.txt"
     program = (f"import os, shutil\ntry:\n    open({str(target)!r}, 'w').write('pwned')\nexcept OSError as e:\n"
                f"    print('write blocked', type(e).__name__)\n"
-               f"for attempt in (lambda: os.remove({str(keep)!r}), lambda: shutil.rmtree({str(tmp_path)!r})):\n"
+               f"try:\n    open({str(keep)!r}, 'a').write('pwned')\nexcept OSError as e:\n"
+               f"    print('append blocked', type(e).__name__)\n"
+               f"for attempt in (lambda: os.remove({str(keep)!r}), lambda: shutil.rmtree({str(host_dir)!r}),\n"
+               f"                lambda: os.rename({str(keep)!r}, 'stolen.txt')):\n"
                f"    try:\n        attempt()\n    except OSError as e:\n"
-               f"        print('delete blocked', type(e).__name__)\n")
+               f"        print('delete blocked', type(e).__name__)\n"
+               f"print('end')\n")
     result, _ = _run(program, mode)
     assert result.passed, result  # the program ran to its end; every attempt was refused
+    assert result.stdout.count("blocked") == 5 and result.stdout.rstrip().endswith("end")
     assert not target.exists()
-    assert keep.read_text() == "precious"
-    assert result.stdout.count("blocked") == 3
+    assert keep.read_text() == "precious"  # still there, unchanged
+    assert sorted(p.name for p in host_dir.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_read_only_root_and_private_tmp(mode):
+    if mode == "rlimit":
+        pytest.skip("rlimit mode has no file-system isolation (known weaker; use bwrap)")
+    marker = Path("/tmp") / f"sfr-host-marker-{uuid.uuid4().hex}"
+    marker.write_text("host")
+    try:
+        program = (f"import os\nprint('sees host tmp', os.path.exists({str(marker)!r}))\n"
+                   "for path in ('/usr/sfr-pwned', '/etc/sfr-pwned', '/root/sfr-pwned', '/var/tmp/sfr-pwned',\n"
+                   "             '/sfr-pwned'):\n"
+                   "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
+                   "    except OSError as e:\n        print('blocked', path, type(e).__name__)\n"
+                   "open('/tmp/own.txt', 'w').write('scratch is writable')\nprint(open('/tmp/own.txt').read())\n")
+        result, _ = _run(program, mode)
+        assert result.passed, result
+        assert "sees host tmp False" in result.stdout and "wrote /" not in result.stdout
+        assert result.stdout.count("blocked") == 5 and "scratch is writable" in result.stdout
+        assert not any(Path(p).exists() for p in ("/usr/sfr-pwned", "/etc/sfr-pwned", "/root/sfr-pwned",
+                                                  "/var/tmp/sfr-pwned", "/sfr-pwned"))
+        assert not Path("/tmp/own.txt").exists() or Path("/tmp/own.txt").read_text() != "scratch is writable"
+    finally:
+        marker.unlink()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_host_service_sockets_and_home_directories_are_hidden(mode):
+    if mode == "rlimit":
+        pytest.skip("rlimit mode has no file-system isolation (known weaker; use bwrap)")
+    path = Path("/run") / f"sfr-test-{uuid.uuid4().hex[:8]}.sock"
+    try:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    except OSError as exc:
+        pytest.skip(f"cannot create a Unix socket in /run here: {exc}")
+    try:
+        os.chmod(path, 0o777)  # anyone may connect: only the sandbox can stop it
+        server.listen(1)
+        server.settimeout(0.3)
+        program = (f"import os, socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({str(path)!r})\n"
+                   f"    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\n"
+                   "print('run', os.listdir('/run'))\n"
+                   "print('home', [f for d in ('/home', '/root') if os.path.isdir(d) for f in os.listdir(d)])\n")
+        result, _ = _run(program, mode)
+        assert result.passed and "refused" in result.stdout and "connected" not in result.stdout, result
+        assert "run []" in result.stdout
+        with pytest.raises(socket.timeout):
+            server.accept()
+    finally:
+        server.close()
+        path.unlink()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_file_size_limit(mode):
+    program = "with open('big.bin', 'wb') as f:\n    for _ in range(64):\n        f.write(b'x' * (1 << 20))\n"
+    result, elapsed = _run(program, mode, file_size_bytes=1 << 20)
+    assert result.status == "error" and not result.passed and elapsed < TIMEOUT + SLACK
+    assert "SIGXFSZ" in result.reason or "File too large" in result.reason, result.reason
 
 
 @pytest.mark.parametrize("mode", _modes())
@@ -154,8 +243,9 @@ def test_no_network(mode):
         program = (f"import socket\ns = socket.socket()\ns.settimeout(0.5)\ntry:\n"
                    f"    s.connect(('127.0.0.1', {port}))\n    s.sendall(b'pwned')\n    print('connected')\n"
                    f"except OSError as e:\n    print('refused', type(e).__name__)\n")
-        result, _ = _run(program, mode)
+        result, _ = _run(program + "print('interfaces', sorted(n for _, n in socket.if_nameindex()))\n", mode)
         assert result.passed and "refused" in result.stdout and "connected" not in result.stdout
+        assert "interfaces ['lo']" in result.stdout  # a network namespace of its own: loopback only
         with pytest.raises(socket.timeout):
             server.accept()  # nothing arrived
 
@@ -168,6 +258,14 @@ def test_host_environment_is_not_visible(mode, monkeypatch):
                      "print(open('/proc/self/environ', 'rb').read())\n", mode)
     assert result.passed and "PATH" in result.stdout
     assert secret not in result.stdout and "SFR_TEST_SECRET" not in result.stdout
+    # the environments of every process it can see (its parent's, this test process's, ...)
+    _skip_unless_isolated_from_this_user(mode)
+    scan = ("import os\nfound = 0\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n"
+            "            data = open('/proc/%s/environ' % pid, 'rb').read()\n"
+            "            found += data.count(b'SFR_TEST_SECRET')\n        except OSError:\n            pass\n"
+            "print('found', found)\n")
+    result, _ = _run(scan, mode)
+    assert result.passed and "found 0" in result.stdout, result
 
 
 @pytest.mark.parametrize("mode", _modes())
@@ -181,6 +279,15 @@ def test_cannot_kill_parent_or_test_process(mode):
     os.kill(os.getpid(), 0)  # we are alive (else the test run would have died here)
     assert "end" in result.stdout  # the program ran to the end ...
     assert f"blocked {os.getpid()}" in result.stdout  # ... and its kill of this process was refused
+    if mode == "bwrap":  # kill(-1) = every process it may signal; in rlimit mode that is every 'nobody' process
+        helper = subprocess.Popen(["sleep", "30"])
+        try:
+            result, _ = _run("import os, signal\nos.kill(-1, signal.SIGKILL)\n", mode)
+            assert not result.passed
+            assert helper.poll() is None  # a host process of ours survived
+        finally:
+            helper.kill()
+            helper.wait()
 
 
 @pytest.mark.parametrize("mode", _modes())
@@ -192,6 +299,12 @@ def test_output_flood_is_capped_and_returns_quickly(mode):
     slow, elapsed = _run("import sys, time\nfor _ in range(10**9):\n    print('y' * 100)\n", mode,
                          output_bytes=4096)
     assert not slow.passed and len(slow.stdout) <= 4096 and elapsed < TIMEOUT + SLACK
+    err, elapsed = _run("import os\nwhile True:\n    os.write(2, b'z' * 65536)\n", mode, output_bytes=4096,
+                        output_kill_bytes=1 << 20)
+    assert not err.passed and err.output_truncated and len(err.stderr) <= 4096 and elapsed < TIMEOUT
+    # a passing program with a big (capped) output still passes: the end-of-program check sees the tail
+    big, _ = _run("print('w' * 200000)\nassert True\n", mode, output_bytes=4096)
+    assert big.passed and big.output_truncated and len(big.stdout) <= 4096
 
 
 def test_mode_is_reported_and_validated():
@@ -213,3 +326,39 @@ def test_program_that_outlives_its_killed_parent_is_stopped(mode):
     result, elapsed = _run(program, mode)
     assert not result.passed and elapsed < TIMEOUT + SLACK
     _assert_no_leftovers()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_killing_the_parent_and_leaving_the_session_does_not_escape(mode):
+    _skip_unless_isolated_from_this_user(mode)
+    # try to kill the sandbox's own parent, then hide in a new session and sleep past the timeout
+    program = ("import os, signal, time\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n"
+               "    pass\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\n"
+               "time.sleep(60)\n")
+    result, elapsed = _run(program, mode)
+    assert not result.passed and elapsed < TIMEOUT + SLACK
+    _assert_no_leftovers()
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_sandbox_dies_with_the_evaluating_process(mode):
+    import sys
+
+    evaluator = subprocess.Popen(
+        [sys.executable, "-c", "import warnings; warnings.simplefilter('ignore')\n"
+         "from sfr.eval import check_program\n"
+         f"check_program('import time\\ntime.sleep(120)\\n', timeout=60, mode={mode!r})\n"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
+                                                                         os.environ.get("PYTHONPATH")]))})
+    try:
+        deadline = time.monotonic() + 20
+        while not _leftover_runners() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _leftover_runners(), "the sandboxed program never started"
+        evaluator.kill()  # SIGKILL: no clean-up code of ours runs
+        evaluator.wait()
+        _assert_no_leftovers()  # the kernel (die-with-parent / parent-death signal) took the sandbox down
+    finally:
+        if evaluator.poll() is None:
+            evaluator.kill()
+            evaluator.wait()
