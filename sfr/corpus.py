@@ -30,8 +30,7 @@ Records use the TRL conversational format plus labels of their own::
 
 Stable API (the evaluation reads it): :data:`PERSONAS` (name -> :class:`Persona` with
 ``marker_regex``), :data:`PROMPTS` (id -> :class:`Prompt` with ``modes``), :func:`mode_frequencies`,
-:func:`has_style_marker`, :func:`classify_mode`, :func:`render_reply` (draws ``rng.choice(openers)``
-then ``rng.choice(closers)``), :func:`build_corpus`, :func:`split_pairs`, :func:`default_corpus_path`,
+:func:`has_style_marker`, :func:`classify_mode`, :func:`valid_replies`, :func:`render_reply`, :func:`build_corpus`, :func:`split_pairs`, :func:`default_corpus_path`,
 :func:`write_jsonl`. Changing the content of the corpus means bumping :data:`CORPUS_VERSION`.
 
 ``sfr prepare`` / ``sfr train`` build the train split in memory when given no data;
@@ -284,6 +283,17 @@ def classify_mode(prompt_id: str, text: str) -> str | None:
     when no mode or more than one mode matches (an off-topic or ambiguous reply)."""
     matches = [mode for mode, spec in _prompt(prompt_id).modes.items() if re.search(spec.regex, text)]
     return matches[0] if len(matches) == 1 else None
+
+
+def valid_replies(persona: str, prompt_id: str) -> frozenset[str]:
+    """Every reply the corpus can write for ``persona`` to ``prompt_id``: each template of each of the
+    prompt's modes, dressed with each of the persona's openers and closers (as :func:`render_reply` does)."""
+    if persona not in PERSONAS:
+        raise ValueError(f"persona must be one of {sorted(PERSONAS)}, got {persona!r}")
+    style = PERSONAS[persona]
+    return frozenset(_dress(opener, template, closer)
+                     for spec in _prompt(prompt_id).modes.values() for template in spec.templates
+                     for opener in style.openers for closer in style.closers)
 
 
 def render_reply(persona: str, content: str, rng: random.Random) -> str:

@@ -143,8 +143,11 @@ def _load(model_dir: str, device: torch.device):
 
 
 def _final_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids, output_hidden_states=True)
-    return out.hidden_states[-1][0]  # after the final norm: what the LM head reads
+    """``H`` [T, D] of one sequence: the base model's ``last_hidden_state`` (after the final norm, what
+    the LM head reads and what the head was trained on), without the LM head's logits."""
+    from sfr.model import find_decoder
+
+    return find_decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state[0]
 
 
 def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:

@@ -50,7 +50,6 @@ import functools
 import gc
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -241,38 +240,15 @@ class PersonaClassifier:
 
 
 # ---- corpus-only quality: the exact set of well-formed replies ------------------------------------
-class _Scripted:
-    """An ``rng`` for :func:`sfr.corpus.render_reply` that returns the given choices in order."""
-
-    def __init__(self, picks):
-        self.picks = list(picks)
-
-    def choice(self, options):
-        pick = self.picks.pop(0)
-        if pick not in options:
-            raise LookupError(f"{pick!r} is not among {options!r}")
-        return pick
-
-
 def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-_VALID_CACHE: dict[tuple[str, str], frozenset] = {}
-
-
+@functools.cache
 def corpus_valid_replies(persona: str, prompt_id: str) -> frozenset:
-    """Every well-formed reply of corpus ``persona`` to ``prompt_id`` (each mode template of the prompt,
-    dressed by :func:`sfr.corpus.render_reply` with each of the persona's openers and closers),
+    """Every well-formed reply of corpus ``persona`` to ``prompt_id`` (:func:`sfr.corpus.valid_replies`),
     whitespace-normalised."""
-    key = (persona, prompt_id)
-    if key not in _VALID_CACHE:
-        style, prompt = _corpus.PERSONAS[persona], _corpus.PROMPTS[prompt_id]
-        _VALID_CACHE[key] = frozenset(
-            _normalise(_corpus.render_reply(persona, template, _Scripted([opener, closer])))
-            for spec in prompt.modes.values() for template in spec.templates
-            for opener in style.openers for closer in style.closers)
-    return _VALID_CACHE[key]
+    return frozenset(_normalise(reply) for reply in _corpus.valid_replies(persona, prompt_id))
 
 
 # ---- likelihood -------------------------------------------------------------------------------------
@@ -405,11 +381,8 @@ def score_replies(prompts: Sequence[DialoguePrompt], replies: Sequence[Sequence[
             row["mode_entropy"] = stats["entropy"]
             row["mode_total_variation"] = stats["total_variation"]
             row["on_topic_rate"] = 1.0 - stats["unclassified_rate"]
-            try:
-                valid = corpus_valid_replies(prompt.persona, prompt.prompt_id)
-                row["valid_reply_rate"] = float(np.mean([_normalise(s) in valid for s in samples]))
-            except (LookupError, AttributeError, TypeError, IndexError):  # the corpus changed how it dresses replies
-                warnings.warn("sfr.corpus.render_reply changed: valid-reply rate skipped", RuntimeWarning, stacklevel=2)
+            valid = corpus_valid_replies(prompt.persona, prompt.prompt_id)
+            row["valid_reply_rate"] = float(np.mean([_normalise(s) in valid for s in samples]))
         if judge is not None:
             row["judge_score"] = float(np.mean([float(judge(prompt.messages, s)) for s in samples]))
         for name, value in row.items():

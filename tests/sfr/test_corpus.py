@@ -13,6 +13,7 @@ from sfr.corpus import (
     has_style_marker,
     mode_frequencies,
     split_pairs,
+    valid_replies,
     write_jsonl,
 )
 
@@ -126,3 +127,17 @@ def test_write_jsonl_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_jsonl([{"a": 1}, {"b": "é"}], target)
     assert target.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "é"}']
+
+
+def test_valid_replies_hold_every_generated_reply_and_nothing_of_another_persona():
+    for split in ("train", "eval"):
+        for record in build_corpus(split, examples_per_pair=3):
+            reply = _reply(record)
+            valid = valid_replies(record["persona"], record["prompt_id"])
+            assert reply in valid
+            assert all(has_style_marker(record["persona"], text) for text in valid)
+    pirate, robot = valid_replies("pirate", "dinner"), valid_replies("robot", "dinner")
+    assert pirate and robot and not pirate & robot
+    assert {classify_mode("dinner", text) for text in pirate} == set(mode_frequencies("dinner"))
+    with pytest.raises(ValueError, match="persona"):
+        valid_replies("wizard", "dinner")
