@@ -475,6 +475,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo uses is local: never wait for the hub
+    if args.quiet:  # transformers draws its own bars (loading weights); quiet means none at all
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         settings = demo_settings(args.quick, max_steps=args.max_steps, seed=args.seed, samples=args.samples,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, limit=args.limit,
