@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from typing import Sequence
 
 BACKENDS = ("auto", "transformers", "vllm")
@@ -112,18 +113,24 @@ def _left_padding(tokenizer):
             tokenizer.pad_token = None
 
 
-def _prompt_budget(model, tokenizer, max_new_tokens: int) -> int | None:
-    """Longest prompt (tokens) that leaves room for ``max_new_tokens`` in the model's context; None = no limit."""
+def _context_budget(model, tokenizer, max_new_tokens: int) -> tuple[int, int | None]:
+    """``(max_new_tokens, longest prompt)`` that fit the model's context together; ``None``: no limit.
+
+    A request longer than half the context is capped at half (with a warning), so the prompt always
+    keeps the other half: a small model (the embedded tiny LM has 256 positions) still runs with
+    defaults meant for real ones (``sfr eval code`` asks for 512 new tokens).
+    """
     limits = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
               getattr(tokenizer, "model_max_length", None)]
-    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**7]
+    limits = [int(v) for v in limits if isinstance(v, int) and 1 < v < 10**7]
     if not limits:
-        return None
-    budget = min(limits) - max_new_tokens
-    if budget < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's context "
-                         f"of {min(limits)} tokens")
-    return budget
+        return max_new_tokens, None
+    context = min(limits)
+    if max_new_tokens > context // 2:
+        warnings.warn(f"max_new_tokens={max_new_tokens} does not fit the model's context of {context} tokens "
+                      f"with a prompt: generating at most {context // 2} new tokens", RuntimeWarning, stacklevel=3)
+        max_new_tokens = context // 2
+    return max_new_tokens, context - max_new_tokens
 
 
 def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
@@ -133,8 +140,8 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
 
     ``temperature == 0`` means greedy decoding (then the n samples are identical). Prompts are
     expanded n times and generated ``batch_size`` sequences at a time, left padded. Only the new
-    tokens are decoded (special tokens skipped). A prompt longer than the model's context minus
-    ``max_new_tokens`` keeps its right end (left truncation). ``seed`` seeds torch before sampling, so a
+    tokens are decoded (special tokens skipped). ``max_new_tokens`` is capped at half the model's
+    context (with a warning), and a prompt longer than the rest keeps its right end (left truncation). ``seed`` seeds torch before sampling, so a
     run is reproducible on the same device. ``backend`` (:func:`resolve_backend`): ``"vllm"`` (or
     ``"auto"`` with vLLM installed, CUDA and ``model`` a name/path) samples with vLLM instead.
     """
@@ -166,13 +173,13 @@ def _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_n
     outputs: list[list[str]] = [[] for _ in texts]
     device = next(model.parameters()).device
     torch.manual_seed(seed)
+    max_new_tokens, budget = _context_budget(model, tokenizer, max_new_tokens)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
     if temperature > 0:
         kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
            if t is not None]
     flat_eos = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
-    budget = _prompt_budget(model, tokenizer, max_new_tokens)
     with _left_padding(tokenizer), torch.no_grad():
         kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=flat_eos or None)
         for start in tqdm(range(0, len(expanded), batch_size), desc="sampling", disable=not progress,

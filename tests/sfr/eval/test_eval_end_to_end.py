@@ -46,15 +46,26 @@ def test_sample_shapes_seed_and_greedy(tiny):
         sample(model, tokenizer, MESSAGES, n=0)
 
 
-def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tiny):
+def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tiny, monkeypatch):
     model, tokenizer = tiny
     limit = model.config.max_position_embeddings
     long_turn = "pasta " * (3 * limit)
     messages = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": long_turn}]]
     replies = sample(model, tokenizer, messages, n=2, max_new_tokens=8, progress=False)
     assert len(replies[0]) == 2
-    with pytest.raises(ValueError, match="no room"):
-        sample(model, tokenizer, messages, n=1, max_new_tokens=limit, progress=False)
+    # A request as long as the context is capped at half of it, so the prompt keeps the other half.
+    calls = []
+    generate = model.generate
+
+    def spy(**kwargs):  # what generate is asked for and the prompt length it gets
+        calls.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with pytest.warns(RuntimeWarning, match=f"at most {limit // 2} new tokens"):
+        capped = sample(model, tokenizer, messages, n=2, max_new_tokens=limit, progress=False)
+    assert len(capped[0]) == 2
+    assert calls == [(limit - limit // 2, limit // 2)]  # the prompt, cut from the left, fills the other half
     total, count = reply_nll(model, tokenizer, messages, [" Arr!"])
     assert count > 0 and math.isfinite(total)
 
