@@ -438,7 +438,7 @@ default budget: {FULL.max_steps} steps per model, {FULL.samples} samples per pro
 
 examples:
   sfr demo                                  # the full comparison, report in ./sfr-demo/report.md
-  sfr demo --quick --output-dir /tmp/demo   # the CI smoke test
+  sfr demo --quick --output-dir demo-quick  # the CI smoke test
   sfr demo --max-steps 1500 --samples 64    # a bigger budget
   sfr demo --seed 1 --output-dir sfr-demo-seed1   # another training seed: how much do the numbers move?
 """
