@@ -150,13 +150,22 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the checkout, ``unknown`` outside a git repository."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    """``$BENCH_COMMIT`` if set (a copy of the checkout without ``.git``), else ``git rev-parse --short HEAD``
+    with ``+dirty`` when tracked files differ from it; ``unknown`` outside a git repository."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def triton_version() -> str:
@@ -192,40 +201,76 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup: int, rep: int,
-             grad_to_none: Sequence[torch.Tensor] = ()) -> tuple[float, float, float]:
+def bench_ms(fn: Callable[..., object], device: torch.device, *, warmup: int, rep: int,
+             grad_to_none: Sequence[torch.Tensor] = (), setup: Callable[[], object] | None = None
+             ) -> tuple[float, float, float]:
     """``(p50, p20, p80)`` of ``fn``'s run time in milliseconds.
 
-    CUDA: ``triton.testing.do_bench`` (``warmup``/``rep`` are milliseconds, stretched to at least
-    :data:`MIN_REPS` runs; it flushes L2 between runs and clears the ``.grad`` of ``grad_to_none``
-    outside the timed region). CPU: ``warmup``
-    untimed calls, then ``rep`` calls each timed with ``perf_counter`` (grads cleared before each,
-    untimed) -- only a check that the harness runs, never a kernel result.
+    ``fn()`` is timed; with ``setup``, ``fn(setup())`` is timed and ``setup`` runs untimed before every
+    call (e.g. the forward that builds the graph a timed backward consumes). The ``.grad`` of
+    ``grad_to_none`` is set to None before every timed call, untimed (fresh gradients, no accumulation).
+
+    CUDA: one untimed call first (kernel compilation, autotuning, allocator warm-up: never part of
+    any number), then one call timed to size the window so that at least :data:`MIN_REPS` runs are
+    timed; then ``triton.testing.do_bench`` (``warmup``/``rep`` in milliseconds; CUDA events; L2
+    flushed before every run). With ``setup``, which ``do_bench`` cannot interleave, the same protocol
+    is run by hand: warm-up calls, then for each run ``setup()``, clear grads, flush L2, events around
+    ``fn``. CPU: ``warmup`` untimed calls, then ``rep`` calls timed with ``perf_counter`` -- only a
+    check that the harness runs, never a kernel result.
     """
-    if device.type == "cuda":
+    prepare = setup or (lambda: None)
+    timed = fn if setup is not None else (lambda _: fn())
+
+    def call():
+        arg = prepare()
+        _clear_grads(grad_to_none)
+        timed(arg)
+
+    if device.type != "cuda":
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(max(rep, 1)):
+            arg = prepare()
+            _clear_grads(grad_to_none)
+            start = time.perf_counter()
+            timed(arg)
+            times.append((time.perf_counter() - start) * 1e3)
+        return _quantiles(times)
+
+    call()  # compilation / autotuning / allocator warm-up: excluded from everything below
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    once_ms = (time.perf_counter() - start) * 1e3  # an upper bound: includes setup and launch latency
+    warmup_ms, rep_ms = max(warmup, 2 * once_ms), max(rep, MIN_REPS * once_ms)
+    if setup is None:
         from triton.testing import do_bench
 
-        # do_bench runs as many repetitions as fit in ``rep`` ms: stretch the window for slow ops so
-        # that the quantiles always come from at least MIN_REPS runs.
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
+                     quantiles=list(QUANTILES))
+        return float(q[0]), float(q[1]), float(q[2])
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # > L2 (50 MB H100, 60 MB H200)
+    for _ in range(max(1, round(warmup_ms / once_ms))):
+        call()
+    events = []
+    for _ in range(max(MIN_REPS, round(rep_ms / once_ms))):
+        arg = prepare()
         _clear_grads(grad_to_none)
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        once_ms = (time.perf_counter() - start) * 1e3
-        p50, p20, p80 = do_bench(fn, warmup=max(warmup, 2 * once_ms), rep=max(rep, MIN_REPS * once_ms),
-                                 grad_to_none=list(grad_to_none) or None, quantiles=list(QUANTILES))
-        return float(p50), float(p20), float(p80)
-    for _ in range(warmup):
-        _clear_grads(grad_to_none)
-        fn()
-    times = []
-    for _ in range(max(rep, 1)):
-        _clear_grads(grad_to_none)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64))
+        flush.zero_()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        timed(arg)
+        end.record()
+        events.append((begin, end))
+    synchronize(device)
+    return _quantiles([begin.elapsed_time(end) for begin, end in events])
+
+
+def _quantiles(times_ms: Sequence[float]) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` of a list of times."""
+    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64))
     return float(q[0]), float(q[1]), float(q[2])
 
 

@@ -6,41 +6,48 @@ Run from the repository root::
     python -m bench.loss --preset all --N 16384 --M 4      # every model/encoder preset at one N, M
     python -m bench.loss --quick --out "$TMPDIR/r"           # small smoke run (CI runs this on the CPU)
 
-Providers (same head weights, same inputs, same draws):
+Providers (same head weights, same inputs, same draws; the seed is a 0-dim device tensor, so no
+provider pays a host-to-device copy):
 
-* ``torch-eager``   -- the reference, ``sfr_loss(..., backend="torch")``.
-* ``torch-compile`` -- ``torch.compile`` of the reference (``mode="max-autotune-no-cudagraphs"`` on
-  CUDA, falling back to the default mode if that fails; the mode used is recorded in the provider
-  column as ``torch-compile:<mode>``). The Philox source/time draws run eagerly (exactly as the
-  reference draws them) and are passed in as ``noise``/``time``: inductor's lowering of the
-  10-round Philox chain blows up (its cost grows exponentially with the chain, observed with torch
-  2.13), so only the rest of the op is compiled. The draws are still inside the timed region.
+* ``torch-eager``   -- the reference, ``sfr_loss(..., backend="torch")``. Its Philox draws are the
+  int64 PyTorch port (``sfr_kernels.philox``), a few hundred elementwise passes over ``N·M·E`` int64
+  values, a large part of its time: the ``kernel=philox_draws`` row times them alone.
+* ``torch-compile`` -- ``torch.compile`` of the whole reference, draws included
+  (``mode="max-autotune-no-cudagraphs"`` on CUDA, falling back to the default mode; the mode used is
+  recorded in the provider column as ``torch-compile:<mode>``). The draws' counters ``a·M + m`` and
+  ``j`` come in as small int64 inputs (``[N, M]`` and ``[E]``): derived from ``arange`` inside the
+  graph, inductor's index analysis of the 10-round Philox chain does not finish. If compiling the
+  draws fails in every mode, they run eagerly and are passed in as ``noise``/``time``
+  (``torch-compile:<mode>+eager-draws``). Compilation (forward and backward) happens before any
+  timing.
 * ``triton``        -- ``sfr_loss(..., backend="triton")``. Skipped on the CPU: the Triton
   interpreter's timings say nothing about the kernels.
 
-Modes: ``forward`` (a training forward: inputs require grad, the graph is kept), ``backward``
-(``loss.backward(retain_graph=True)`` on a graph built beforehand, gradients cleared before each
-run) and ``full`` (forward + backward). Note that the fused path computes part of the gradient in
-its forward (gradient-in-forward), so its forward is not comparable to the eager forward alone:
-compare ``full``.
+Modes: ``full`` (forward + backward), ``forward`` (a training forward: inputs require grad, the
+graph is kept) and ``backward`` (``loss.backward()`` of a graph built untimed just before each timed
+run). The fused path computes part of the gradient in its forward (gradient-in-forward), so its
+forward is not comparable to the eager forward alone: compare ``full``.
 
-Metrics: ``time`` (ms; median and 20/80 % quantiles; ``triton.testing.do_bench`` on CUDA, a simple
-timer loop on the CPU), ``memory`` (MB the op adds at its peak beyond its inputs: CUDA only, not
-measured on the CPU), ``tflops`` (GEMM FLOPs / time, see ``bench.common``) and ``roofline_pct``
-(roofline time / measured time · 100; the GEMM rate (bf16 ``8192³`` matmul) and copy bandwidth are
-measured in the same run and written as ``kernel=device`` rows). Inputs are random (never zeros),
-rotated over several pre-allocated sets; the head's zero-initialised output layer is re-initialised
-randomly so that every gradient is non-trivial. Hidden states are passed as ``[N, D]`` (already
-gathered, no ``anchor_index``).
+Metrics: ``time`` (ms; median and 20/80 % quantiles; ``triton.testing.do_bench`` on CUDA after an
+untimed first call, a simple timer loop on the CPU; see ``bench.common.bench_ms``), ``memory`` (MB the
+op adds at its peak beyond its inputs: CUDA only), ``tflops`` (GEMM FLOPs / time, see
+``bench.common``) and ``roofline_pct`` (roofline time / measured time · 100; the GEMM rate (bf16
+``8192³`` matmul) and copy bandwidth are measured in the same run and written as ``kernel=device``
+rows). Inputs are random (never zeros), rotated over several pre-allocated sets; the head's
+zero-initialised output layer is re-initialised randomly so that every gradient is non-trivial.
+Hidden states are passed as ``[N, D]`` (already gathered, no ``anchor_index``). Rows are appended to
+the CSV after every measurement, so a run stopped early keeps what it measured; ``--budget-minutes``
+starts no new provider once that much time has passed.
 
 On the CPU everything runs in fp32 and only checks the harness: CPU numbers are never kernel results.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import itertools
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +57,8 @@ from bench import common
 from bench.common import LossShape
 
 PROVIDERS = ("torch-eager", "torch-compile", "triton")
+RUN_ORDER = ("triton", "torch-eager", "torch-compile")  # the slow, uncertain compile last
+MODE_ORDER = ("full", "forward", "backward")  # the headline mode first
 METRICS = ("time", "memory", "tflops", "roofline_pct")
 ROTATING_SETS = 3  # pre-allocated input sets cycled through, so no run reuses the previous one's inputs
 GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
@@ -59,7 +68,7 @@ GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
 class InputSet:
     hidden: torch.Tensor  # [N, D], requires grad
     target: torch.Tensor  # [N, E], unit rows
-    seed: int
+    seed: torch.Tensor  # 0-dim int64 on the device
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Settings:
     gemm_size: int
     copy_bytes: int
     compile_mode: str
+    budget_s: float = math.inf  # no new provider starts after this many seconds
     compile_left_out: bool = False  # --quick on the CPU leaves torch-compile out unless asked for
 
 
@@ -93,11 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
                         help="providers to run (default: all; --quick on the CPU: torch-eager only)")
     parser.add_argument("--modes", nargs="+", choices=common.MODES, default=None,
-                        help="modes (default: forward backward full; --quick: full forward)")
+                        help="modes, run in the order full, forward, backward (default: all; --quick: full forward)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
                         help="metrics (default: all; memory is measured on CUDA only)")
     parser.add_argument("--compile-mode", default=None,
                         help=f"torch.compile mode (default: {GPU_COMPILE_MODE} on CUDA, 'default' on the CPU)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start no new provider after this many minutes (the rest is skipped and reported)")
     parser.add_argument("--out", type=Path, default=common.DEFAULT_RESULTS_DIR,
                         help="directory whose loss.csv the rows are appended to (default: bench/results)")
     parser.add_argument("--quick", action="store_true",
@@ -122,13 +134,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if any(v < 1 for v in values):
             raise ValueError(f"{flag} values must be >= 1, got {values}")
     if args.providers is not None:
-        providers = list(dict.fromkeys(args.providers))
+        chosen = set(args.providers)
     elif quick and not on_gpu:
         # Inductor's C++ build of the compiled reference takes about a minute on a small CPU.
-        providers = ["torch-eager", "triton"]
+        chosen = {"torch-eager", "triton"}
     else:
-        providers = list(PROVIDERS)
-    modes = args.modes or (["full", "forward"] if quick else list(common.MODES))
+        chosen = set(PROVIDERS)
+    providers = [p for p in RUN_ORDER if p in chosen]
+    chosen_modes = set(args.modes or (["full", "forward"] if quick else common.MODES))
+    modes = [m for m in MODE_ORDER if m in chosen_modes]
     metrics = args.metrics or list(METRICS)
     if on_gpu:
         warmup, rep = (5, 20) if quick else (25, 100)
@@ -138,8 +152,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         gemm_size, copy_bytes = (256, 2**24) if quick else (1024, 2**26)
     dtype = common.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     compile_mode = args.compile_mode or (GPU_COMPILE_MODE if on_gpu else "default")
+    budget_s = math.inf if args.budget_minutes is None else 60.0 * args.budget_minutes
     return Settings(device, dtype, presets, n_values, m_values, providers, modes, metrics, warmup, rep,
-                    gemm_size, copy_bytes, compile_mode, compile_left_out=args.providers is None and quick and not on_gpu)
+                    gemm_size, copy_bytes, compile_mode, budget_s,
+                    compile_left_out=args.providers is None and quick and not on_gpu)
 
 
 def make_head(shape: LossShape, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -157,13 +173,28 @@ def make_inputs(shape: LossShape, device: torch.device, dtype: torch.dtype, coun
     for i in range(count):
         hidden = torch.randn(shape.N, shape.D, device=device, dtype=dtype).requires_grad_(True)
         target = torch.nn.functional.normalize(torch.randn(shape.N, shape.E, device=device), dim=-1).to(dtype)
-        sets.append(InputSet(hidden, target, seed=1000 + i))
+        seed = torch.full((), 1000 + i, dtype=torch.int64, device=device)
+        sets.append(InputSet(hidden, target, seed))
     return sets
 
 
-def make_loss_fn(provider: str, head: torch.nn.Module, shape: LossShape, compile_mode: str):
-    """``(loss_fn(inputs) -> 0-dim loss, provider label)`` for a provider."""
+def reference_with_counters(hidden, target, seed, rows, cols, head, num_samples: int):
+    """The reference with its draws written out from the Philox counters (what ``torch-compile`` compiles).
+
+    ``rows[a, m] = a·M + m`` and ``cols[j] = j``: ``x0 = randn(seed, rows·E + cols)``,
+    ``s = rand(seed + 1, rows)`` -- exactly ``draw_source`` (source_std 1) and ``draw_time`` ("uniform").
+    """
+    from sfr_kernels import philox, sfr_loss
+
+    noise = philox.randn(seed, rows.unsqueeze(-1) * cols.numel() + cols)
+    time_ = philox.rand(seed + 1, rows)
+    return sfr_loss(hidden, target, head, num_samples=num_samples, noise=noise, time=time_, backend="torch")
+
+
+def make_loss_fn(provider: str, head: torch.nn.Module, shape: LossShape, probe: InputSet, compile_mode: str):
+    """``(loss_fn(inputs) -> 0-dim loss, provider label)``; torch-compile compiles forward and backward on ``probe``."""
     from sfr_kernels import draw_source, draw_time, sfr_loss
+    from sfr_kernels.reference import sample_offsets
 
     m = shape.M
     if provider in ("torch-eager", "triton"):
@@ -173,68 +204,61 @@ def make_loss_fn(provider: str, head: torch.nn.Module, shape: LossShape, compile
     if provider != "torch-compile":
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
 
-    def reference_from_draws(hidden, target, noise, time):
-        return sfr_loss(hidden, target, head, num_samples=m, noise=noise, time=time, backend="torch")
+    device = probe.hidden.device
+    rows = sample_offsets(shape.N, m, device)
+    cols = torch.arange(shape.E, dtype=torch.int64, device=device)
 
-    def with_draws(compiled):
+    def reference_in_graph(hidden, target, seed, rows, cols):
+        return reference_with_counters(hidden, target, seed, rows, cols, head, m)
+
+    def with_draws_in_graph(compiled):
+        return lambda inp: compiled(inp.hidden, inp.target, inp.seed, rows, cols)
+
+    def reference_from_draws(hidden, target, noise, time_):
+        return sfr_loss(hidden, target, head, num_samples=m, noise=noise, time=time_, backend="torch")
+
+    def with_eager_draws(compiled):
         def loss_fn(inp):
-            n, device = inp.hidden.shape[0], inp.hidden.device
-            noise = draw_source(inp.seed, n, m, shape.E, 1.0, device)
-            time = draw_time(inp.seed, n, m, "uniform", device)
-            return compiled(inp.hidden, inp.target, noise, time)
+            noise = draw_source(inp.seed, shape.N, m, shape.E, 1.0, device)
+            return compiled(inp.hidden, inp.target, noise, draw_time(inp.seed, shape.N, m, "uniform", device))
         return loss_fn
 
     errors = []
-    for mode in dict.fromkeys([compile_mode, "default"]):
+    variants = [(reference_in_graph, with_draws_in_graph, ""), (reference_from_draws, with_eager_draws, "+eager-draws")]
+    for (function, wrap, suffix), mode in itertools.product(variants, dict.fromkeys([compile_mode, "default"])):
         torch._dynamo.reset()  # fresh caches per shape: no recompile limit, no stale specialisations
-        compiled = torch.compile(reference_from_draws, mode=None if mode == "default" else mode, dynamic=False)
-        fn = with_draws(compiled)
+        fn = wrap(torch.compile(function, mode=None if mode == "default" else mode, dynamic=False))
+        started = time.monotonic()
         try:
-            probe = make_inputs(shape, next(head.parameters()).device, next(head.parameters()).dtype, 1)[0]
             fn(probe).backward()  # compiles forward and backward now, outside any timed region
-            head.zero_grad(set_to_none=True)
-        except Exception as error:  # noqa: BLE001 - any compile failure means: try the next mode
-            errors.append(f"mode={mode}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            print(f"  torch-compile mode={mode} failed ({errors[-1]}); trying the next mode", flush=True)
+        except Exception as error:  # noqa: BLE001 - any compile failure means: try the next variant
+            errors.append(f"mode={mode}{suffix}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            print(f"  torch-compile {errors[-1]}; trying the next variant", flush=True)
             continue
-        return fn, f"torch-compile:{mode}"
-    raise RuntimeError("torch.compile failed in every mode: " + "; ".join(errors))
-
-
-def compile_options(retain_graph_safe: bool):
-    """Inductor settings for a compiled backward that is run repeatedly on one graph.
-
-    Backward-only timing calls ``loss.backward(retain_graph=True)``; AOTAutograd's donated buffers
-    (backward reusing saved tensors' memory) forbid that, so the backward-mode variant of
-    ``torch-compile`` is compiled with ``donated_buffer=False``. Forward and full keep the default.
-    """
-    from torch._functorch import config as functorch_config
-
-    if retain_graph_safe and hasattr(functorch_config, "donated_buffer"):
-        return functorch_config.patch(donated_buffer=False)
-    return contextlib.nullcontext()
+        finally:
+            probe.hidden.grad = None
+            head.zero_grad(set_to_none=True)
+        print(f"  torch-compile mode={mode}{suffix}: compiled forward+backward in {time.monotonic() - started:.0f} s",
+              flush=True)
+        return fn, f"torch-compile:{mode}{suffix}"
+    raise RuntimeError("torch.compile failed in every variant: " + "; ".join(errors))
 
 
 def time_mode(loss_fn, inputs: list[InputSet], head, mode: str, settings: Settings):
-    """(p50, p20, p80) ms of one mode, cycling over the input sets."""
-    params = list(head.parameters())
-    grads = [inp.hidden for inp in inputs] + params
-    counter = iter(range(10**12))
-
-    def next_inputs():
-        return inputs[next(counter) % len(inputs)]
-
-    if mode == "forward":
-        fn = lambda: loss_fn(next_inputs())  # noqa: E731
-    elif mode == "full":
-        fn = lambda: loss_fn(next_inputs()).backward()  # noqa: E731
-    else:
-        losses = [loss_fn(inp) for inp in inputs]
-        fn = lambda: losses[next(counter) % len(losses)].backward(retain_graph=True)  # noqa: E731
-    result = common.bench_ms(fn, settings.device, warmup=settings.warmup, rep=settings.rep, grad_to_none=grads)
-    for t in grads:
-        t.grad = None
-    return result
+    """(p50, p20, p80) ms of one mode, cycling over the input sets; fresh gradients for every run."""
+    grads = [inp.hidden for inp in inputs] + list(head.parameters())
+    rotation = itertools.cycle(inputs)
+    kwargs = dict(warmup=settings.warmup, rep=settings.rep, grad_to_none=grads)
+    try:
+        if mode == "forward":
+            return common.bench_ms(lambda: loss_fn(next(rotation)), settings.device, **kwargs)
+        if mode == "full":
+            return common.bench_ms(lambda: loss_fn(next(rotation)).backward(), settings.device, **kwargs)
+        return common.bench_ms(lambda loss: loss.backward(), settings.device,
+                               setup=lambda: loss_fn(next(rotation)), **kwargs)
+    finally:
+        for t in grads:
+            t.grad = None
 
 
 def memory_mode(loss_fn, inp: InputSet, head, mode: str, device: torch.device) -> float:
@@ -279,8 +303,28 @@ def measure_device(settings: Settings, env: dict) -> tuple[float, float, list[di
     return gemm[0], copy[0], rows
 
 
+def measure_draws(shape: LossShape, inputs: list[InputSet], settings: Settings, env: dict) -> dict:
+    """The ``philox_draws`` row: time of the reference's eager draws alone (source ``[N, M, E]`` + time ``[N, M]``)."""
+    from sfr_kernels import draw_source, draw_time
+
+    rotation = itertools.cycle(inputs)
+
+    def draws():
+        seed = next(rotation).seed
+        return (draw_source(seed, shape.N, shape.M, shape.E, 1.0, settings.device),
+                draw_time(seed, shape.N, shape.M, "uniform", settings.device))
+
+    t50, t20, t80 = common.bench_ms(draws, settings.device, warmup=settings.warmup, rep=settings.rep)
+    print(f"  {'torch-eager philox draws':<36} {'forward':<8} {t50:10.3f} ms [{t20:.3f}, {t80:.3f}]", flush=True)
+    return common.make_row(env, kernel="philox_draws", provider="torch-eager", mode="forward", metric="time",
+                           unit="ms", N=shape.N, M=shape.M, D=shape.D, E=shape.E, width=shape.width,
+                           depth=shape.depth, dtype=common.DTYPE_NAMES[settings.dtype], p50=t50, p20=t20, p80=t80)
+
+
 def run(settings: Settings, out_dir: Path) -> list[dict]:
-    """Measure everything ``settings`` asks for; append the rows to ``out_dir/loss.csv``; return them."""
+    """Measure everything ``settings`` asks for, appending rows to ``out_dir/loss.csv`` as they come; return them."""
+    started = time.monotonic()
+    path = Path(out_dir) / "loss.csv"
     env = common.environment(settings.device)
     on_gpu = settings.device.type == "cuda"
     if not on_gpu:
@@ -295,6 +339,7 @@ def run(settings: Settings, out_dir: Path) -> list[dict]:
         print("NOTE: torch-compile not run (--quick on the CPU: inductor's C++ build takes about a minute); "
               "pass --providers torch-compile to include it.")
     gemm_tflops, bandwidth_gbs, rows = measure_device(settings, env)
+    common.append_rows(path, rows)
     dtype_name = common.DTYPE_NAMES[settings.dtype]
     bytes_per_element = torch.finfo(settings.dtype).bits // 8
 
@@ -308,35 +353,54 @@ def run(settings: Settings, out_dir: Path) -> list[dict]:
                 torch.manual_seed(0)
                 head = make_head(shape, settings.device, settings.dtype)
                 inputs = make_inputs(shape, settings.device, settings.dtype, ROTATING_SETS)
+                eager = make_loss_fn("torch-eager", head, shape, inputs[0], settings.compile_mode)[0]
+                reference_loss = eager(inputs[0]).item()  # each provider's first loss is checked against it
                 for provider in providers:
-                    built = {}  # retain_graph-safe variant (bool) -> (loss_fn, label) or the error
-                    # Backward last: its torch-compile variant is compiled separately (see compile_options).
-                    for mode in sorted(settings.modes, key=lambda mode: mode == "backward"):
-                        variant = provider == "torch-compile" and mode == "backward"
-                        if variant not in built:
-                            try:
-                                with compile_options(variant):
-                                    built[variant] = make_loss_fn(provider, head, shape, settings.compile_mode)
-                            except Exception as error:  # noqa: BLE001 - report, go on with the others
-                                built[variant] = error
-                                print(f"  {provider}: skipped ({type(error).__name__}: {error})", flush=True)
-                        if isinstance(built[variant], Exception):
-                            continue
-                        loss_fn, label = built[variant]
-                        try:
-                            with compile_options(variant):
-                                rows += measure_one(loss_fn, label, inputs, head, shape, mode, settings, env,
-                                                    gemm_tflops, bandwidth_gbs, bytes_per_element)
-                        except torch.cuda.OutOfMemoryError as error:
-                            print(f"  {label:<36} {mode:<8} out of memory ({str(error).splitlines()[0]})", flush=True)
-                        finally:
-                            for t in [inp.hidden for inp in inputs] + list(head.parameters()):
-                                t.grad = None
-                            if on_gpu:
-                                torch.cuda.empty_cache()
+                    if time.monotonic() - started > settings.budget_s:
+                        print(f"  {provider}: skipped (the --budget-minutes budget is used up)", flush=True)
+                        continue
+                    new = measure_provider(provider, head, inputs, shape, settings, env, gemm_tflops, bandwidth_gbs,
+                                           bytes_per_element, reference_loss)
+                    if provider == "torch-eager" and "time" in settings.metrics:
+                        new.append(measure_draws(shape, inputs, settings, env))
+                    common.append_rows(path, new)
+                    rows += new
                 del head, inputs
-    path = common.append_rows(Path(out_dir) / "loss.csv", rows)
+                if on_gpu:
+                    torch.cuda.empty_cache()
     print(f"\nwrote {len(rows)} rows to {path}")
+    return rows
+
+
+def measure_provider(provider: str, head, inputs: list[InputSet], shape: LossShape, settings: Settings, env: dict,
+                     gemm_tflops: float, bandwidth_gbs: float, bytes_per_element: int, reference_loss: float
+                     ) -> list[dict]:
+    """Every mode of one provider on one shape (a provider that fails to build or runs out of memory is reported).
+
+    First the provider's loss on the first input set is printed next to the eager reference's
+    (``reference_loss``): a provider that computes something else shows at once.
+    """
+    try:
+        loss_fn, label = make_loss_fn(provider, head, shape, inputs[0], settings.compile_mode)
+    except Exception as error:  # noqa: BLE001 - report, go on with the others
+        print(f"  {provider}: skipped ({type(error).__name__}: {error})", flush=True)
+        return []
+    if provider != "torch-eager":
+        loss = loss_fn(inputs[0]).item()  # with grad enabled, as timed: no recompilation for no_grad
+        print(f"  {label}: loss {loss:.6g}, eager reference {reference_loss:.6g} "
+              f"(relative difference {abs(loss - reference_loss) / max(abs(reference_loss), 1e-30):.1e})", flush=True)
+    rows = []
+    for mode in settings.modes:
+        try:
+            rows += measure_one(loss_fn, label, inputs, head, shape, mode, settings, env, gemm_tflops, bandwidth_gbs,
+                                bytes_per_element)
+        except torch.cuda.OutOfMemoryError as error:
+            print(f"  {label:<36} {mode:<8} out of memory ({str(error).splitlines()[0]})", flush=True)
+        finally:
+            for t in [inp.hidden for inp in inputs] + list(head.parameters()):
+                t.grad = None
+            if settings.device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

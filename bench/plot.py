@@ -3,6 +3,7 @@
     python -m bench.plot                                   # PNGs from bench/results into bench/results
     python -m bench.plot --table                           # + print the headline markdown, write headline.md
     python -m bench.plot --table --update-results bench/RESULTS.md   # + replace the table in RESULTS.md
+    python -m bench.plot --add FETCHED_DIR --table --update-results bench/RESULTS.md   # + rows from a GPU run first
 
 PNGs (one device: the latest one in each CSV unless ``--device`` picks another):
 
@@ -45,6 +46,9 @@ SHAPE_KEYS = ("N", "M", "D", "E", "width", "depth", "dtype")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, default=common.DEFAULT_RESULTS_DIR,
                         help="directory holding loss.csv / step.csv (default: bench/results)")
+    parser.add_argument("--add", type=Path, nargs="+", default=(), metavar="DIR",
+                        help="first append the rows of DIR/loss.csv and DIR/step.csv that --results does not have yet "
+                             "(e.g. the files fetched from a GPU machine's $OUT)")
     parser.add_argument("--out", type=Path, default=None, help="where the PNGs go (default: --results)")
     parser.add_argument("--device", default=None, help="plot rows of this device column (default: the latest one)")
     parser.add_argument("--table", action="store_true", help="print the headline markdown table and write headline.md")
@@ -67,6 +71,20 @@ def latest(rows: list[dict]) -> list[dict]:
         keyed.pop(key, None)
         keyed[key] = row
     return list(keyed.values())
+
+
+def add_results(results: Path, sources) -> None:
+    """Append to ``results/{loss,step}.csv`` the rows of ``SOURCE/{loss,step}.csv`` not already there."""
+    for source in sources:
+        for name in ("loss.csv", "step.csv"):
+            path, target = Path(source) / name, Path(results) / name
+            if not path.exists():
+                continue
+            have = {tuple(r.values()) for r in common.read_rows(target)} if target.exists() else set()
+            new = [r for r in common.read_rows(path) if tuple(r.values()) not in have]
+            if new:
+                common.append_rows(target, new)
+            print(f"{path}: {len(new)} new rows appended to {target}")
 
 
 def load(results: Path, name: str) -> list[dict]:
@@ -220,12 +238,25 @@ def _fmt(value: float, pattern: str = "{:.2f}") -> str:
 
 
 def headline_numbers(loss_rows: list[dict], step_rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Per-shape comparison (mode full) and per-model step overhead, from (already filtered) rows."""
-    by_shape = defaultdict(dict)
+    """Per-shape comparison (mode full) and per-model step overhead, from (already filtered) rows.
+
+    Where a provider was measured in several variants (``torch-compile:<mode>``), the fastest one
+    stands for it: its time, memory and roofline.
+    """
+    variants = defaultdict(lambda: defaultdict(dict))  # shape -> provider label -> metric -> p50
     for r in loss_rows:
         if r["kernel"] == "sfr_loss" and r["mode"] == "full" and r["metric"] in ("time", "memory", "roofline_pct"):
             shape = (common.preset_name(int(r["D"]), int(r["E"])), int(r["N"]), int(r["M"]), r["dtype"], r["device"])
-            by_shape[shape][(provider_base(r["provider"]), r["metric"])] = _num(r["p50"])
+            variants[shape][r["provider"]][r["metric"]] = _num(r["p50"])
+    by_shape = {}
+    for shape, labels in variants.items():
+        fastest = {}  # provider -> its fastest label
+        for label, metrics in labels.items():
+            base, time_ = provider_base(label), metrics.get("time", float("inf"))
+            if base not in fastest or time_ < labels[fastest[base]].get("time", float("inf")):
+                fastest[base] = label
+        by_shape[shape] = {(base, metric): value for base, label in fastest.items()
+                           for metric, value in labels[label].items()}
     shapes = []
     for (preset, n, m, dtype, device), v in sorted(by_shape.items()):
         def get(provider, metric, v=v):
@@ -271,7 +302,8 @@ def headline_markdown(loss_rows: list[dict], step_rows: list[dict], allow_cpu: b
     if commits:
         lines.append(f"Commit(s): {', '.join(commits)}.")
     lines += ["", "SFR loss, mode full (forward + backward), median time; ratios are triton vs the other provider "
-              "(speed-up = other / triton time; memory = triton / other peak memory of the op).", "",
+              "(speed-up = other / triton time; memory = triton / other peak memory of the op); torch-compile is "
+              "its fastest mode measured (the provider column of loss.csv names it).", "",
               "| shape | N | M | dtype | eager ms | compile ms | triton ms | speed-up vs eager | speed-up vs compile "
               "| memory vs eager | memory vs compile | triton % roofline |",
               "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -324,6 +356,7 @@ def update_results_file(path: Path, table: str) -> None:
 def main(args: argparse.Namespace) -> int:
     results, out = args.results, args.out or args.results
     try:
+        add_results(results, args.add)
         loss_rows, step_rows = load(results, "loss.csv"), load(results, "step.csv")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

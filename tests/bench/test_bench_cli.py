@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import common
-from bench.plot import headline_markdown
+from bench.plot import headline_markdown, headline_numbers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ON_GPU = torch.cuda.is_available()
@@ -199,3 +199,84 @@ def test_update_results_replaces_only_the_headline_section(tmp_path):
     results_md.write_text("no markers here\n")
     with pytest.raises(ValueError, match="headline"):
         update_results_file(results_md, table)
+
+
+def test_quick_csv_has_the_eager_draws_row(quick_results):
+    out = quick_results[0]
+    _, rows = _read(out / "loss.csv")
+    draws = [r for r in rows if r["kernel"] == "philox_draws"]
+    if not ON_GPU:
+        assert [(r["provider"], r["mode"], r["metric"]) for r in draws] == [("torch-eager", "forward", "time")]
+        _check_quantiles(draws[0])
+
+
+def test_bench_ms_setup_runs_untimed_before_every_call_with_fresh_grads():
+    """``setup``'s value reaches ``fn``; ``.grad`` is None at every timed call (no accumulation)."""
+    x = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def setup():
+        return (x * 2).sum()
+
+    def fn(loss):
+        seen.append(x.grad)
+        loss.backward()
+
+    p50, p20, p80 = common.bench_ms(fn, torch.device("cpu"), warmup=2, rep=4, grad_to_none=[x], setup=setup)
+    assert len(seen) == 6 and all(g is None for g in seen)
+    assert 0 < p20 <= p50 <= p80
+
+
+def test_compiled_provider_computes_the_reference():
+    """What torch-compile compiles (draws from the Philox counters) is the eager reference, bit for bit."""
+    from bench.loss import make_head, make_inputs, reference_with_counters
+    from sfr_kernels import sfr_loss
+    from sfr_kernels.reference import sample_offsets
+
+    shape = common.LossShape(N=6, M=3, D=16, E=10, width=8, time_features=4)
+    head = make_head(shape, torch.device("cpu"), torch.float32)
+    inp = make_inputs(shape, torch.device("cpu"), torch.float32, 1)[0]
+    ours = reference_with_counters(inp.hidden, inp.target, inp.seed, sample_offsets(shape.N, shape.M, "cpu"),
+                                   torch.arange(shape.E), head, shape.M)
+    ref = sfr_loss(inp.hidden, inp.target, head, num_samples=shape.M, seed=int(inp.seed), backend="torch")
+    assert torch.equal(ours, ref)
+
+
+def test_headline_uses_the_fastest_compile_variant():
+    shape = dict(kernel="sfr_loss", mode="full", N=16384, M=4, D=3584, E=768, width=1024, depth=2, dtype="bf16")
+    rows = [_gpu_row(provider="triton", metric="time", unit="ms", p50=2.0, **shape),
+            _gpu_row(provider="torch-compile:default", metric="time", unit="ms", p50=5.0, **shape),
+            _gpu_row(provider="torch-compile:default", metric="memory", unit="MB", p50=500.0, **shape),
+            _gpu_row(provider="torch-compile:max-autotune-no-cudagraphs", metric="time", unit="ms", p50=4.0, **shape),
+            _gpu_row(provider="torch-compile:max-autotune-no-cudagraphs", metric="memory", unit="MB", p50=800.0,
+                     **shape)]
+    shapes, _ = headline_numbers(rows, [])
+    assert len(shapes) == 1
+    assert shapes[0]["compile_ms"] == 4.0 and shapes[0]["speedup_compile"] == 2.0
+    assert shapes[0]["memory_compile"] != shapes[0]["memory_compile"]  # NaN: triton has no memory row here
+
+
+def test_plot_add_merges_fetched_rows_once(tmp_path):
+    fetched, results = tmp_path / "fetched", tmp_path / "results"
+    row = _gpu_row(kernel="sfr_loss", provider="triton", mode="full", metric="time", unit="ms", p50=1.0, N=4096, M=1,
+                   D=896, E=384, width=1024, depth=2, dtype="bf16")
+    common.append_rows(fetched / "loss.csv", [row])
+    common.append_rows(results / "loss.csv", [dict(row, p50="2")])
+    for _ in range(2):
+        _run("bench.plot", "--results", str(results), "--add", str(fetched), "--out", str(tmp_path / "png"))
+    assert [r["p50"] for r in common.read_rows(results / "loss.csv")] == ["2", "1"]
+
+
+def test_budget_stops_new_providers_but_keeps_the_device_rows(tmp_path):
+    stdout = _run("bench.loss", "--quick", "--budget-minutes", "0", "--out", str(tmp_path))
+    assert "skipped (the --budget-minutes budget is used up)" in stdout
+    assert {r["kernel"] for r in common.read_rows(tmp_path / "loss.csv")} == {"device"}
+
+
+def test_run_gpu_script_checks_its_stages():
+    script = REPO_ROOT / "bench" / "run_gpu.sh"
+    unknown = subprocess.run(["bash", str(script), "lost"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown stage 'lost'" in unknown.stderr
+    if not ON_GPU:  # the default stages (headline step compile) need a GPU: refused before any work
+        no_gpu = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+        assert no_gpu.returncode == 1 and "need a CUDA device" in no_gpu.stderr
