@@ -34,12 +34,15 @@ class CompileResult:
 
 def _variants(dtype: str, quick: bool):
     """(name, kernel, signature, constexprs, options) for each kernel variant of one head dtype."""
+    import torch
+
     from sfr_kernels import fused_loss
     from sfr_kernels.flow_input import flow_input_forward_kernel, flow_input_weight_grad_kernel
     from sfr_kernels.flow_output import flow_output_loss_kernel
     from sfr_kernels.scatter_rows import scatter_rows_kernel
 
-    configs = fused_loss.launch_configs(width=1024, embed=384, features=64, hidden_size=4096)
+    configs = fused_loss.launch_configs(width=1024, embed=384, features=64, hidden_size=4096,
+                                       dtype=getattr(torch, dtype))
     w = _PTR[dtype]
     precision = "ieee" if dtype == "float32" else "tf32"
     scalars = {"source_std": "fp32", "time_mean": "fp32", "time_std": "fp32"}

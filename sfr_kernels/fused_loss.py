@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from sfr_kernels.flow_draws import TIME_EXPLICIT, TIME_LOGIT_NORMAL, TIME_UNIFORM, TIME_ZERO
 from sfr_kernels.flow_input import flow_input_forward_kernel, flow_input_weight_grad_kernel
 from sfr_kernels.flow_output import flow_output_loss_kernel
-from sfr_kernels.reference import sfr_loss_reference
+from sfr_kernels.reference import reduce_anchor_losses, sfr_loss_reference
 from sfr_kernels.scatter_rows import scatter_rows_kernel
 
 _TIME_MODES = {"uniform": TIME_UNIFORM, "logit_normal": TIME_LOGIT_NORMAL, "zero": TIME_ZERO}
@@ -156,14 +156,18 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
-def launch_configs(width: int, embed: int, features: int, hidden_size: int) -> LaunchConfigs:
-    """Tile sizes for a head of this size.
+def launch_configs(width: int, embed: int, features: int, hidden_size: int,
+                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfigs:
+    """Tile sizes for a head of this size and parameter ``dtype``.
 
     Interpreter: large tiles (its cost grows with the number of programs and loop steps). GPU
-    (H100/H200): chosen with ``python -m sfr_kernels.compile_check`` so that no kernel spills
-    registers for bf16/fp16/fp32 -- the in-register Philox draws are register-hungry, so the tiles
-    that generate them stay at <= 16 draws per thread (8 warps). ``tl.dot`` needs every dimension
-    >= 16, hence the lower bounds.
+    (H100/H200): chosen with ``python -m sfr_kernels.compile_check`` under Triton 3.6 and 3.9 so that
+    the seeded kernels do not spill registers for bf16/fp16/fp32 (the explicit-noise output kernel
+    may spill a few dozen bytes) -- the in-register Philox draws are register-hungry, so the tiles
+    that generate them stay at <= 8-16 draws per thread (8 warps). float32 heads (``tl.dot`` without
+    tensor cores unless TF32 is allowed) need half the rows per step in the x_s weight gradient.
+    ``tl.dot`` needs every dimension >= 16, hence the lower bounds. Performance of these tiles has
+    not been measured yet (no GPU so far): ``bench.loss`` is the judge.
     """
     if _interpreting():
         w, e = _pow2(width, 16, 128), _pow2(embed, 16, 128)
@@ -179,8 +183,9 @@ def launch_configs(width: int, embed: int, features: int, hidden_size: int) -> L
     f = _pow2(features, 16, 32)
     return LaunchConfigs(
         input_forward=dict(BLOCK_R=64, BLOCK_H=128, BLOCK_E=32, BLOCK_F=f, num_warps=8, num_stages=3),
-        output_loss=dict(BLOCK_R=64, BLOCK_E=64, BLOCK_K=32, num_warps=8, num_stages=3),
-        weight_grad_x=dict(BLOCK_R=32, BLOCK_H=64, BLOCK_C=64, num_warps=8, num_stages=3),
+        output_loss=dict(BLOCK_R=32, BLOCK_E=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        weight_grad_x=dict(BLOCK_R=16 if dtype == torch.float32 else 32, BLOCK_H=64, BLOCK_C=64, num_warps=8,
+                           num_stages=3),
         weight_grad_t=dict(BLOCK_R=32, BLOCK_H=64, BLOCK_C=_pow2(features, 16, 64), num_warps=8, num_stages=3),
         scatter=dict(BLOCK_D=256, num_warps=4),
         max_splits=16)
@@ -235,23 +240,6 @@ def _row_coefficients(n: int, m: int, e: int, weight, reduction: str, device) ->
     return coef
 
 
-def _reduce_anchor_losses(per_anchor: torch.Tensor, weight, reduction: str) -> torch.Tensor:
-    """``sum_a w_a l_a`` ("sum") or ``sum_a w_a l_a / sum_a w_a`` ("mean", 0 when ``sum w == 0``).
-
-    Same formula as ``reference.reduce_anchor_losses``, but without creating a tensor from a Python
-    number (a host-to-device copy, which would sync and break CUDA-graph capture).
-    """
-    if weight is None:
-        total = per_anchor.sum()
-        return total if reduction == "sum" else total / float(max(per_anchor.numel(), 1))
-    weight = weight.to(torch.float32)
-    total = (weight * per_anchor).sum()
-    if reduction == "sum":
-        return total
-    count = weight.sum()
-    return total / torch.where(count > 0, count, torch.ones_like(count))
-
-
 def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond_weight, cond_bias,
                    in_x_weight, in_t_weight, time_frequencies, hidden_weights, hidden_biases, out_weight,
                    out_bias, num_samples, source_std, time_sampling, time_mean, time_std, reduction,
@@ -266,7 +254,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
     n, m = h.shape[0], num_samples
     rows = n * m
     depth = len(hidden_weights) + 1
-    configs = launch_configs(width, embed, features, h.shape[1])
+    configs = launch_configs(width, embed, features, h.shape[1], dtype)
     precision = _dot_precision(dtype)
     target = target.contiguous()
     noise = noise.contiguous() if noise is not None else None
@@ -295,7 +283,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
                 rows, m, embed, width, target.stride(0), float(source_std),
                 EXPLICIT_NOISE=noise is not None, WRITE_GRAD=compute_grads, DOT_PRECISION=precision, **config)
     per_anchor = row_sq.view(n, m).sum(dim=1) / float(m * embed)  # l_a
-    loss = _reduce_anchor_losses(per_anchor, weight, reduction)
+    loss = reduce_anchor_losses(per_anchor, weight, reduction)  # per_anchor is float32
     if not compute_grads:
         return loss, zs, grad_v, out_weight.new_empty((0,)), out_bias.new_empty((0,))
     # Gradient-in-forward for the output layer: backward then needs neither v nor u.
@@ -349,7 +337,7 @@ def _fused_backward(grad_loss, hidden, target, anchor_index, seed, noise, time, 
     width, embed, features = cond_weight.shape[0], out_weight.shape[0], in_t_weight.shape[1]
     depth, rows = zs.shape[0], zs.shape[1]
     n = rows // num_samples
-    configs = launch_configs(width, embed, features, cond_weight.shape[1])
+    configs = launch_configs(width, embed, features, cond_weight.shape[1], dtype)
     g = grad_loss.to(torch.float32)
     target = target.contiguous()
     noise = noise.contiguous() if noise is not None else None

@@ -112,17 +112,19 @@ def route_gradient(h: torch.Tensor, grad_scale: float) -> torch.Tensor:
 
 
 def reduce_anchor_losses(per_anchor: torch.Tensor, weight: torch.Tensor | None, reduction: str):
-    """Weighted reduction of per-anchor losses ``l_a`` [N] to a 0-dim tensor (see module doc)."""
+    """Weighted reduction of per-anchor losses ``l_a`` [N] to a 0-dim tensor (see module doc).
+
+    No host sync: the count of an unweighted mean is a Python number (no host-to-device copy), and an
+    empty (or all-zero-weight) anchor set gives ``total == 0``, divided by 1 on the device.
+    """
     if weight is None:
         total = per_anchor.sum()
-        count = torch.tensor(per_anchor.numel(), dtype=per_anchor.dtype, device=per_anchor.device)
-    else:
-        weight = weight.to(per_anchor.dtype)
-        total = (weight * per_anchor).sum()
-        count = weight.sum()
+        return total if reduction == "sum" else total / max(per_anchor.numel(), 1)
+    weight = weight.to(per_anchor.dtype)
+    total = (weight * per_anchor).sum()
     if reduction == "sum":
         return total
-    # Without a host sync: an empty (or all-zero-weight) anchor set gives total == 0, so 0 / 1.
+    count = weight.sum()
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
@@ -151,5 +153,4 @@ def sfr_loss_reference(hidden, target, head, *, anchor_index=None, num_samples=1
 
     v = head(x_s.to(compute_dtype), s.to(compute_dtype), h)  # [N, M, E]
     per_anchor = (v.to(loss_dtype) - u).square().mean(dim=(1, 2))  # l_a, [N]
-    w = None if weight is None else weight.to(loss_dtype)
-    return reduce_anchor_losses(per_anchor, w, reduction)
+    return reduce_anchor_losses(per_anchor, weight, reduction)

@@ -3,8 +3,8 @@
 The interpreter runs kernels as NumPy and cannot catch what only the real compiler sees (type
 rules of the compiled dialect, loop-carried types, register pressure of the chosen tiles), so
 this test compiles the kernels ahead of time in a separate process (TRITON_INTERPRET unset) with
-``sfr_kernels.compile_check`` and Triton's bundled ptxas. bfloat16, one time-sampling variant per
-kernel, to stay fast; ``python -m sfr_kernels.compile_check`` compiles every variant.
+``sfr_kernels.compile_check`` and Triton's bundled ptxas. bfloat16 (the benchmarked head) and
+float32 (the head the trainer makes), one time-sampling variant per kernel, to stay fast; ``python -m sfr_kernels.compile_check`` compiles every variant.
 """
 import json
 import os
@@ -17,11 +17,10 @@ import triton
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PTXAS_DIR = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-MAX_SPILL_BYTES = 64  # a few bytes may spill in the output kernel; the first draft spilled kilobytes
 
 CODE = (
     "import json; from sfr_kernels.compile_check import compile_all; "
-    "print(json.dumps([r.__dict__ for r in compile_all(('bfloat16',), quick=True)]))"
+    "print(json.dumps([r.__dict__ for r in compile_all(('bfloat16', 'float32'), quick=True)]))"
 )
 
 
@@ -37,5 +36,5 @@ def test_kernels_compile_for_sm90_without_spills():
                        "scatter_rows_kernel"}
     for r in results:
         assert 0 < r["registers"] <= 255, r
-        assert r["spill_bytes"] <= MAX_SPILL_BYTES, r
+        assert r["spill_bytes"] == 0, r  # the tiles are chosen for no spills (Triton 3.6 and 3.9)
         assert r["shared_bytes"] <= 228 * 1024, r  # H100 shared memory per SM
