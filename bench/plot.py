@@ -293,8 +293,7 @@ def headline_markdown(loss_rows: list[dict], step_rows: list[dict], allow_cpu: b
     devices = sorted({s["device"] for s in shapes} | {s["device"] for s in steps})
     lines = []
     if not devices:
-        lines.append("**No GPU results yet.** The tables below show the layout; run `bash bench/run_gpu.sh` on a "
-                     "CUDA machine to fill them.")
+        lines.append("**No GPU results yet.** The tables below show the layout; the commands above fill them.")
     elif any(common.is_cpu_device(d) for d in devices):
         lines.append("**CPU harness check — these are NOT kernel results** (fp32 reference on a CPU).")
     lines.append(f"Device: {', '.join(devices) if devices else '— (none yet)'}.")
