@@ -48,6 +48,26 @@ def _leftover_runners() -> list[int]:
     return pids
 
 
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, after the (comm) that may hold spaces
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _runners_under(root: int) -> list[int]:
+    """Runner processes descending from ``root`` (not another test's runners that are still dying)."""
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = _parent(pid)
+        return False
+
+    return [pid for pid in _leftover_runners() if descends(pid)]
+
+
 def _assert_no_leftovers():
     deadline = time.monotonic() + 2.0
     while _leftover_runners() and time.monotonic() < deadline:
@@ -342,19 +362,29 @@ def test_killing_the_parent_and_leaving_the_session_does_not_escape(mode):
 
 @pytest.mark.parametrize("mode", _modes())
 def test_sandbox_dies_with_the_evaluating_process(mode):
+    import select
     import sys
 
+    # The evaluator probes the sandbox first (a short program through the same runner), then says
+    # "ready": only a runner seen after that is the long-running program.
     evaluator = subprocess.Popen(
         [sys.executable, "-c", "import warnings; warnings.simplefilter('ignore')\n"
-         "from sfr.eval import check_program\n"
+         "from sfr.eval import check_program\nfrom sfr.eval.sandbox import sandbox_available\n"
+         f"assert sandbox_available({mode!r})\nprint('ready', flush=True)\n"
          f"check_program('import time\\ntime.sleep(120)\\n', timeout=60, mode={mode!r})\n"],
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
-                                                                         os.environ.get("PYTHONPATH")]))})
+                                                                         os.environ.get("PYTHONPATH")]))},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        ready, _, _ = select.select([evaluator.stdout], [], [], 20)
+        assert ready and evaluator.stdout.readline().strip() == "ready", evaluator.stderr.read()[-2000:]
         deadline = time.monotonic() + 20
-        while not _leftover_runners() and time.monotonic() < deadline:
+        while not _runners_under(evaluator.pid) and evaluator.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _leftover_runners(), "the sandboxed program never started"
+        if not _runners_under(evaluator.pid):
+            state = "still running" if evaluator.poll() is None else f"exited {evaluator.returncode}"
+            err = "" if evaluator.poll() is None else evaluator.stderr.read()[-2000:]
+            pytest.fail(f"the sandboxed program never started (evaluator {state}): {err}")
         evaluator.kill()  # SIGKILL: no clean-up code of ours runs
         evaluator.wait()
         _assert_no_leftovers()  # the kernel (die-with-parent / parent-death signal) took the sandbox down
