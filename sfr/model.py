@@ -443,13 +443,16 @@ class SFRModel(nn.Module):
                            metadata=self.head_metadata(), state_dict=parts["head"])
 
 
-def _divisor(count, like: torch.Tensor) -> torch.Tensor:
-    """``count`` as a float32 tensor on ``like``'s device, 1 where it is 0 (an empty batch sums to 0).
+def _divisor(count, like: torch.Tensor) -> torch.Tensor | float:
+    """What a summed loss is divided by: ``count``, or 1 where it is 0 (an empty batch sums to 0).
 
     Not clamped to >= 1: an all-device count divided by the world size, or an anchor-weight sum, may
-    legitimately lie in (0, 1). Computed without a host sync.
+    legitimately lie in (0, 1). No host sync: a tensor count stays on ``like``'s device, and a Python
+    count stays a Python number (a device tensor made from it would be a host-to-device copy per step).
     """
-    count = torch.as_tensor(count, dtype=torch.float32, device=like.device)
+    if not isinstance(count, torch.Tensor):
+        return float(count) if count > 0 else 1.0
+    count = count.to(device=like.device, dtype=torch.float32)
     return torch.where(count > 0, count, torch.ones_like(count))
 
 
