@@ -8,7 +8,7 @@ What it does (:func:`run_demo`):
    :data:`sfr.trainer.TINY_DEFAULTS` of ``sfr train``, the same ``--max-steps``, batch, learning rate,
    seed and data order); only the objective differs. With ``--max-steps`` other than the default the
    warm-up and the SFR phase lengths keep their proportions of ``TINY_DEFAULTS`` (phase A = 20 %, ramp
-   = 30 % of the steps).
+   = 30 % of the steps; :func:`sfr.trainer.tiny_defaults`).
 2. Samples ``--samples`` replies per prompt of the corpus' *eval* split (persona x prompt pairs unseen
    in training) from both models with the same sampling seed, and scores them with the dialogue
    evaluation (:func:`sfr.eval.dialogue.evaluate_dialogue`): diversity (distinct-1/2, self-BLEU,
@@ -108,17 +108,12 @@ def device_description(device: str) -> str:
 
 def training_arguments(objective: str, output_dir, settings: DemoSettings, device: str, progress: bool):
     """The :class:`sfr.trainer.SFRTrainingArguments` of one demo run: identical for both objectives."""
-    from sfr.trainer import TINY_DEFAULTS, SFRTrainingArguments
+    from sfr.trainer import SFRTrainingArguments
 
     steps = settings.max_steps
-    scale = steps / TINY_DEFAULTS["max_steps"]
-    return SFRTrainingArguments.for_embedded_default(
+    return SFRTrainingArguments.for_embedded_default(  # warm-up and phases scale with max_steps
         output_dir=str(output_dir), objective=objective, max_steps=steps, seed=settings.seed,
-        data_seed=settings.seed,
-        warmup_steps=round(TINY_DEFAULTS["warmup_steps"] * scale),
-        phase_a_steps=round(TINY_DEFAULTS["phase_a_steps"] * scale),
-        ramp_steps=round(TINY_DEFAULTS["ramp_steps"] * scale),
-        logging_steps=max(1, steps // 50), save_strategy="no", report_to=[], disable_tqdm=not progress,
+        data_seed=settings.seed, logging_steps=max(1, steps // 50), save_strategy="no", report_to=[], disable_tqdm=not progress,
         use_cpu=device == "cpu")
 
 

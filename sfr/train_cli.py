@@ -4,7 +4,8 @@ Every field of :class:`sfr.trainer.SFRTrainingArguments` is a flag, in underscor
 (``--max_steps`` / ``--max-steps``), as ``HfArgumentParser`` makes them. ``--config file.yaml`` reads
 the same names as keys; flags on the command line override the file. With no ``--model`` the
 embedded tiny LM is trained, and every setting the user leaves unset takes its value from
-:data:`sfr.trainer.TINY_DEFAULTS` (a CPU run of a few minutes).
+:data:`sfr.trainer.TINY_DEFAULTS` (a CPU run of a few minutes), with warm-up and phase lengths scaled to
+``--max-steps`` (:func:`sfr.trainer.tiny_defaults`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfr.trainer import TINY_DEFAULTS
 
     parser.epilog = EPILOG + ("\nwithout --model, unset options take the embedded run's values: "
-                              + ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS.items()) + "\n")
+                              + ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS.items())
+                              + "; with another --max-steps, warmup_steps, phase_a_steps and ramp_steps keep "
+                              "these proportions of it unless set\n")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.usage = ("sfr train [--output-dir DIR] [--config FILE.yaml] [--model NAME_OR_PATH] [--data PATH] "
                     "[--objective {sfr,sft,mtp}] [--max-steps N] [--save-steps N] "
@@ -118,13 +121,13 @@ def read_config(path: str) -> dict:
 def build_arguments(values: dict):
     """:class:`SFRTrainingArguments` from explicit values, with the tiny-model defaults when no model is set."""
     from sfr.tiny_lm import DEFAULT_MODEL
-    from sfr.trainer import TINY_DEFAULTS, SFRTrainingArguments
+    from sfr.trainer import SFRTrainingArguments, tiny_defaults
 
     values = dict(values)
     if not values.get("output_dir"):  # `sfr train` with no arguments at all trains the embedded default
         values["output_dir"] = DEFAULT_OUTPUT_DIR
     if values.get("model") in (None, DEFAULT_MODEL):
-        values = {**TINY_DEFAULTS, **values}
+        values = {**tiny_defaults(values.get("max_steps")), **values}
     return SFRTrainingArguments(**values)
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,22 @@ TINY_DEFAULTS = dict(
     num_samples=4,  # 4 source/time draws per anchor: the corpus has only ~2 anchors per example
     dataloader_pin_memory=False,  # nothing to pin for on the CPU
 )
+_SCALED_WITH_MAX_STEPS = ("warmup_steps", "phase_a_steps", "ramp_steps")
+
+
+def tiny_defaults(max_steps: int | None = None) -> dict:
+    """:data:`TINY_DEFAULTS` for a run of ``max_steps`` optimizer steps.
+
+    Warm-up and the SFR phase lengths keep their proportions of the 200-step default (warm-up 5 %,
+    phase A 20 %, ramp 30 %, rounded), so a short run still reaches lambda_max instead of ending inside
+    phase A. ``None`` or ``max_steps <= 0`` (a run by epochs) keeps the defaults as they are.
+    """
+    values = dict(TINY_DEFAULTS)
+    if max_steps is not None and max_steps > 0 and max_steps != TINY_DEFAULTS["max_steps"]:
+        scale = max_steps / TINY_DEFAULTS["max_steps"]
+        values.update({name: round(TINY_DEFAULTS[name] * scale) for name in _SCALED_WITH_MAX_STEPS})
+        values["max_steps"] = max_steps
+    return values
 
 
 @dataclass
@@ -166,8 +183,34 @@ class SFRTrainingArguments(TrainingArguments):
 
     @classmethod
     def for_embedded_default(cls, **overrides) -> SFRTrainingArguments:
-        """Arguments for the tiny embedded model: :data:`TINY_DEFAULTS` updated with ``overrides``."""
-        return cls(**{**TINY_DEFAULTS, **overrides})
+        """Arguments for the tiny embedded model: :func:`tiny_defaults` of the run's ``max_steps``
+        updated with ``overrides`` (explicit warm-up and phase lengths win over the scaled ones)."""
+        return cls(**{**tiny_defaults(overrides.get("max_steps")), **overrides})
+
+
+class PhaseCheckCallback(TrainerCallback):
+    """At the start of training, warn when the run ends before the SFR gradient reaches lambda_max.
+
+    The commonest cause is a short ``--max-steps`` with the default phase lengths: the run then ends in
+    phase A (lambda = 0, the backbone is trained by CE alone, as in SFT) or part-way up the ramp.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.objective == "sft" or args.lambda_max == 0 or not state.max_steps or state.max_steps <= 0:
+            return
+        final = args.lambda_at(state.max_steps - 1)
+        if final >= args.lambda_max:
+            return
+        if final == 0:
+            what = (f"phase A (phase_a_steps={args.phase_a_steps}) covers all {state.max_steps} optimizer steps: "
+                    f"the SFR loss trains only the head, never the backbone")
+        else:
+            what = (f"the run ends at step {state.max_steps} with lambda = {final:.3g}, before the ramp "
+                    f"(phase_a_steps={args.phase_a_steps}, ramp_steps={args.ramp_steps}) reaches "
+                    f"lambda_max={args.lambda_max:g}")
+        message = f"sfr train: {what}; shorten --phase-a-steps / --ramp-steps for a run this short"
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 class EMAUpdateCallback(TrainerCallback):
@@ -204,6 +247,7 @@ class SFRTrainer(Trainer):
         if self.args.label_smoothing_factor or self.compute_loss_func is not None:
             raise ValueError("SFRTrainer computes CE + SFR inside SFRModel.forward: label_smoothing_factor and "
                              "compute_loss_func are not supported")
+        self.add_callback(PhaseCheckCallback)
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
         self._micro_step = 0

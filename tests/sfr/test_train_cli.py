@@ -85,7 +85,8 @@ def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path
     state = json.loads((out / "trainer_state.json").read_text())
     logs = [h for h in state["log_history"] if "loss" in h]
     assert len(logs) == 3 and all({"ce_loss", "sfr_loss", "sfr_lambda"} <= h.keys() for h in logs)
-    assert all(h["sfr_lambda"] == 0.0 for h in logs)  # still in phase A (tiny default: 40 steps)
+    # the tiny default's phases scaled to 3 steps: phase A = round(0.2 * 3) = 1 step, ramp = round(0.3 * 3) = 1
+    assert [h["sfr_lambda"] for h in logs] == [0.0, 1.0, 1.0]
     assert (out / "sfr_head" / "model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -131,3 +132,15 @@ def test_sfr_train_with_a_model_path_and_raw_data_prepares_and_caches_it(tmp_pat
         AutoModelForCausalLM.from_pretrained(model_path).config.vocab_size
     # The prepared directory itself is accepted as --data
     assert main([*argv[:6], str(prepared[0].parent), *argv[7:], "--output-dir", str(tmp_path / "again")]) == 0
+
+
+def test_tiny_defaults_scale_warmup_and_phases_with_max_steps_unless_set(tmp_path):
+    from sfr.trainer import tiny_defaults
+
+    assert tiny_defaults() == TINY_DEFAULTS and tiny_defaults(-1) == TINY_DEFAULTS
+    assert tiny_defaults(TINY_DEFAULTS["max_steps"]) == TINY_DEFAULTS
+    short = build_arguments({"output_dir": str(tmp_path), "max_steps": 20})
+    assert (short.warmup_steps, short.phase_a_steps, short.ramp_steps) == (1, 4, 6)
+    assert short.lambda_at(19) == short.lambda_max  # a short run still reaches lambda_max
+    long = build_arguments({"output_dir": str(tmp_path), "max_steps": 1000, "phase_a_steps": 7})
+    assert (long.warmup_steps, long.phase_a_steps, long.ramp_steps) == (50, 7, 300)  # explicit values win

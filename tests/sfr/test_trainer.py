@@ -370,3 +370,24 @@ def test_activation_checkpointing_of_the_backbone_changes_no_weight(tmp_path):
     expected = weights(plain.model)
     for key, value in weights(checkpointed.model).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("steps, phases, message", [
+    (3, dict(phase_a_steps=3, ramp_steps=2), "phase A .* covers all 3 optimizer steps"),
+    (3, dict(phase_a_steps=1, ramp_steps=4), "ends at step 3 with lambda = 0.5"),
+])
+def test_a_run_that_ends_before_lambda_max_warns(tmp_path, steps, phases, message):
+    trainer = make_trainer(make_args(tmp_path, objective="sfr", max_steps=steps, **phases))
+    with pytest.warns(UserWarning, match=message):
+        trainer.train()
+
+
+def test_a_run_that_reaches_lambda_max_or_has_no_head_does_not_warn(tmp_path):
+    import warnings
+
+    for objective, phases in (("sfr", dict(phase_a_steps=1, ramp_steps=2)), ("sft", dict(phase_a_steps=9))):
+        trainer = make_trainer(make_args(tmp_path / objective, objective=objective, max_steps=3, **phases))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert not [w for w in caught if "lambda" in str(w.message) or "phase A" in str(w.message)]
