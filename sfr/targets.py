@@ -38,11 +38,13 @@ outright are removed by the next run on the same host.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -70,6 +72,12 @@ _SENTENCE_END = re.compile(r"[.!?\n]")
 # Metadata that must be equal for a cache hit (counts and timings are results, not inputs).
 _CACHE_KEYS = ("format_version", "encoder", "tokenizer", "segment_tokens", "anchor_stride",
                "min_segment_tokens", "segment_mode", "max_length", "source_fingerprint")
+# Records per tokenise + segment task: small enough that the progress bar moves and the workers stay
+# balanced, large enough that pickling a chunk and its result costs little next to tokenising it.
+_CHUNK_RECORDS = 512
+# Starting a worker process costs 2-4 s (imports, tokenizer), as much as tokenising some 4k-16k records
+# here: smaller data is always done in the main process.
+_MIN_RECORDS_FOR_WORKERS = 8192
 
 
 # ---------------------------------------------------------------------------------------------- anchors
@@ -243,7 +251,7 @@ class PreparedTargets:
 def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: int = 32,
             anchor_stride: int = 8, min_segment_tokens: int = 4, max_length: int | None = None,
             segment_mode: str = "window", batch_size: int = 256, device=None, split: str = "train",
-            overwrite: bool = False, progress: bool = True) -> PreparedTargets:
+            overwrite: bool = False, progress: bool = True, num_proc: int | None = None) -> PreparedTargets:
     """Tokenise ``data``, find anchors and segments, embed them, and save the rows to ``out``.
 
     Args:
@@ -260,6 +268,11 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         split: the split of a ``datasets`` directory, hub data set or the embedded corpus.
         overwrite: rebuild even on a cache hit, and replace a cache of another embedding dimension.
         progress: show progress bars.
+        num_proc: worker processes that tokenise and segment (``None`` or 1: in this process). The
+            output is identical for every value, so it is not part of the cache key. Data of fewer than
+            ``_MIN_RECORDS_FOR_WORKERS`` (8192) records is done in this process anyway (starting a
+            worker costs seconds). With ``num_proc > 1`` a script that calls this must guard its top level
+            with ``if __name__ == "__main__":`` (the workers are spawned, and import the main module).
 
     Raises:
         FileNotFoundError: ``data`` names a missing file.
@@ -271,6 +284,8 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
     _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode)
     _check_positive_int(batch_size=batch_size)
+    num_proc = 1 if num_proc is None else num_proc
+    _check_positive_int(num_proc=num_proc)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
     timings = {}
@@ -320,7 +335,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
     tokenizer = _load_tokenizer(settings["tokenizer"])
     t0 = time.perf_counter()
-    rows, anchor_texts, skipped = _segment_records(records, tokenizer, settings, progress)
+    rows, anchor_texts, skipped, processes = _segment_records(records, tokenizer, settings, progress, num_proc)
     timings["tokenize_segment_s"] = time.perf_counter() - t0
     if not rows:
         raise ValueError(f"data set {source!r}: none of its {len(records)} examples has a response token "
@@ -347,6 +362,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
                    "anchors": num_anchors, "unique_segments": len(unique_texts)},
         "throughput": {"device": str(getattr(sentence_encoder, "device", device)),
                        "tokenize_segment_windows_per_s": round(num_anchors / max(timings["tokenize_segment_s"], 1e-9), 1),
+                       "tokenize_segment_processes": processes,
                        "encode_windows_per_s": round(len(unique_texts) / max(timings["encode_s"], 1e-9), 1)},
     }
     dataset = _write_atomically(rows, metadata, out, embed_dim, progress)
@@ -356,13 +372,56 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
     return PreparedTargets(out, dataset, metadata, cache_hit=False, timings=timings)
 
 
-def _segment_records(records, tokenizer, settings, progress):
-    """``(rows, anchor_texts, skipped)``: one row (without targets) and one list of segment texts per
-    example that has a response token; ``skipped`` counts the examples without one."""
+def _segment_records(records, tokenizer, settings, progress, num_proc: int = 1):
+    """``(rows, anchor_texts, skipped, processes)``: one row (without targets) and one list of segment
+    texts per example that has a response token, in record order; ``skipped`` counts the examples
+    without one; ``processes`` is how many processes did the work.
+
+    The records are cut into contiguous chunks of ``_CHUNK_RECORDS``, each done by
+    :func:`_segment_chunk`: here when ``num_proc == 1`` or there are fewer than
+    ``_MIN_RECORDS_FOR_WORKERS`` records, else in ``num_proc`` spawned worker processes. The result is
+    the same either way.
+    """
     from tqdm.auto import tqdm
 
-    rows, anchor_texts, skipped, token_texts = [], [], 0, {}
-    for index, record in enumerate(tqdm(records, desc="tokenise + segment", unit="example", disable=not progress)):
+    starts = range(0, len(records), _CHUNK_RECORDS)
+    processes = min(num_proc, len(starts)) if len(records) >= _MIN_RECORDS_FOR_WORKERS else 1
+    parts = []
+    with tqdm(total=len(records), desc="tokenise + segment", unit="example", disable=not progress) as bar:
+        if processes == 1:
+            token_texts = {}
+            for start in starts:
+                chunk = _record_slice(records, start, start + _CHUNK_RECORDS)
+                parts.append(_segment_chunk(chunk, start, tokenizer, settings, token_texts))
+                bar.update(len(chunk))
+        else:
+            # "spawn", not fork: the parent may already run threads (torch, the tokenizers' Rust pool, a
+            # CUDA context) that a forked child would inherit half-initialised, which can deadlock.
+            pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_segment_worker, initargs=(settings["tokenizer"],))
+            try:
+                futures = []
+                for start in starts:  # queued up front; the pool hands them to the workers as they free up
+                    chunk = _record_slice(records, start, start + _CHUNK_RECORDS)
+                    futures.append((pool.submit(_segment_chunk_in_worker, chunk, start, settings), len(chunk)))
+                for future, size in futures:  # in record order: the first failing chunk raises its own error
+                    parts.append(future.result())
+                    bar.update(size)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # after an error: drop the chunks not started
+    rows = [row for part in parts for row in part[0]]
+    anchor_texts = [texts for part in parts for texts in part[1]]
+    return rows, anchor_texts, sum(part[2] for part in parts), processes
+
+
+def _segment_chunk(records, start, tokenizer, settings, token_texts=None):
+    """``(rows, anchor_texts, skipped)`` of ``records``, the records ``start, start + 1, ...`` of the
+    source: ``source_index`` and error messages use those global 0-based indices. ``token_texts``
+    caches single-token decodes across calls (see :func:`segment_example`)."""
+    token_texts = {} if token_texts is None else token_texts
+    rows, anchor_texts, skipped = [], [], 0
+    for index, record in enumerate(records, start=start):
         try:
             example = tokenize_example(record, tokenizer, max_length=settings["max_length"])
         except Exception as error:
@@ -379,6 +438,28 @@ def _segment_records(records, tokenizer, settings, progress):
                      "anchor_segment_ends": [s.end for s in segments], "source_index": index})
         anchor_texts.append([s.text for s in segments])
     return rows, anchor_texts, skipped
+
+
+def _record_slice(records, start, stop) -> list[dict]:
+    """``records[start:stop]`` as a list of dicts, which pickles to a worker (a ``datasets.Dataset``
+    slice would be a dict of columns)."""
+    if hasattr(records, "select") and hasattr(records, "column_names"):
+        return records.select(range(start, min(stop, len(records)))).to_list()
+    return list(records[start:stop])
+
+
+_WORKER_STATE: dict = {}  # in a tokenise + segment worker process: its tokenizer and decode cache
+
+
+def _init_segment_worker(tokenizer_name_or_path) -> None:
+    # One process per core already: the tokenizers' own thread pool would only oversubscribe the CPU.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_STATE["tokenizer"] = _load_tokenizer(tokenizer_name_or_path)
+    _WORKER_STATE["token_texts"] = {}
+
+
+def _segment_chunk_in_worker(records, start, settings):
+    return _segment_chunk(records, start, _WORKER_STATE["tokenizer"], settings, _WORKER_STATE["token_texts"])
 
 
 def _check_finite(embeddings, unique_texts, rows, anchor_texts, source):
@@ -613,6 +694,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even when cached; replace an --out of another embedding dimension")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--num-proc", type=int, default=1,
+                        help="worker processes that tokenise and segment the examples (default 1: in the main "
+                             "process, as are data sets of fewer than 8192 records); the output is the same "
+                             "for any value, so it does not change the cache")
 
 
 def main(args) -> int:
@@ -621,7 +706,8 @@ def main(args) -> int:
                          segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
                          min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
                          segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
-                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress)
+                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
+                         num_proc=args.num_proc)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"sfr prepare: error: {error}", file=sys.stderr)
         return 1

@@ -431,6 +431,51 @@ def test_sentence_mode_max_length_and_default_out(tmp_path, tokenizer, encoder):
                    progress=False).cache_hit
 
 
+def test_num_proc_workers_give_the_same_rows_errors_and_cache(tmp_path, monkeypatch, capsys, encoder):
+    import datasets
+
+    monkeypatch.setattr(targets, "_CHUNK_RECORDS", 3)  # 4 chunks of 11 records: the worker path runs
+    monkeypatch.setattr(targets, "_MIN_RECORDS_FOR_WORKERS", 6)
+    no_answer = {"messages": [{"role": "user", "content": "no answer here"}]}
+    records = small_records() + [no_answer] + small_records()[:3]
+    settings = {"segment_tokens": 8, "anchor_stride": 4, "min_segment_tokens": 2}
+    one = prepare(records, tmp_path / "one", progress=False, **settings)
+    two = prepare(records, tmp_path / "two", num_proc=2, **settings)
+    assert "tokenise + segment" in capsys.readouterr().err  # the bar, advanced chunk by chunk
+    assert (one.metadata["throughput"]["tokenize_segment_processes"],
+            two.metadata["throughput"]["tokenize_segment_processes"]) == (1, 2)
+    assert {k: v for k, v in two.metadata.items() if k != "throughput"} == \
+        {k: v for k, v in one.metadata.items() if k != "throughput"}
+    assert two.metadata["counts"]["skipped_without_response"] == 1
+    for column in targets.COLUMNS:  # the same rows in the same order, embeddings included
+        assert two.dataset[column] == one.dataset[column], column
+    assert list(two.dataset["source_index"]) == [*range(7), *range(8, 11)]
+
+    with monkeypatch.context() as m:  # num_proc is no cache key: the other value hits the cache
+        m.setattr(targets, "_segment_records", lambda *a, **k: pytest.fail("cache hit re-segmented"))
+        assert prepare(records, tmp_path / "one", num_proc=2, progress=False, **settings).cache_hit
+
+    # The first bad record (global index 7, in the third chunk) is reported as in-process, not index 1
+    # of its chunk, nor the later bad one (index 10).
+    bad_role = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
+    bad = records[:7] + [bad_role] + records[7:9] + [bad_role] + records[9:]
+    messages = []
+    for num_proc in (1, 2):
+        with pytest.raises(ValueError, match=r"example 7 \(0-based\) of 'records' could not be tokenised: "
+                                             r"TemplateError: .*got robot") as error:
+            prepare(bad, tmp_path / "bad", num_proc=num_proc, progress=False, **settings)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and not (tmp_path / "bad").exists()
+
+    few = prepare(records[:5], tmp_path / "few", num_proc=2, progress=False, **settings)  # < 6 records
+    assert few.metadata["throughput"]["tokenize_segment_processes"] == 1  # done here: no start-up cost
+    for value in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="num_proc must be an int >= 1"):
+            prepare(records, tmp_path / "bad", num_proc=value)
+    uniform = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]  # a Dataset slices to dicts
+    assert targets._record_slice(datasets.Dataset.from_list(uniform), 3, 9) == uniform[3:]
+
+
 def test_cli_prepare_with_defaults(tmp_path, capsys, encoder):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in small_records()[:3]))
@@ -443,7 +488,7 @@ def test_cli_prepare_with_defaults(tmp_path, capsys, encoder):
     meta = json.loads((out / METADATA_FILE).read_text())
     assert (meta["K"], meta["S"], meta["m"], meta["E"]) == (32, 8, 4, 384)  # the defaults
     assert meta["tokenizer"] == str(default_model_path()) and meta["encoder"] == resolve_encoder(None)
-    assert cli_main(args + ["--no-progress"]) == 0
+    assert cli_main(args + ["--no-progress", "--num-proc", "2"]) == 0  # num_proc does not change the output
     assert "cache hit" in capsys.readouterr().out
     assert cli_main(["prepare", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out), "--no-progress"]) == 1
     assert "nope.jsonl" in capsys.readouterr().err
@@ -456,7 +501,7 @@ def test_cli_help_explains_every_flag():
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in flags} == {"data", "out", "model", "encoder", "segment_tokens", "anchor_stride",
                                        "min_segment_tokens", "max_length", "segment_mode", "batch_size", "device",
-                                       "split", "overwrite", "no_progress"}
+                                       "split", "overwrite", "no_progress", "num_proc"}
     for action in flags:
         assert action.help and len(action.help) > 15 and action.option_strings[0] in text, action.dest
     assert "anchor" in parser.description and "cache hit" in parser.description
