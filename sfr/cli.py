@@ -34,8 +34,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sfr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.command_parsers = {}  # name -> its parser, so that errors print the command's own usage
     for name, (module_name, help_text) in COMMANDS.items():
         cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
+        parser.command_parsers[name] = cmd_parser
         if name == command:  # import only the module of the command being run
             importlib.import_module(module_name).add_arguments(cmd_parser)
     return parser
@@ -45,12 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 0
+    if unknown:  # argparse would print the top-level usage; the command's own is the helpful one
+        parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C is a user's decision, not a crash: no traceback
+        print(f"sfr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
