@@ -56,7 +56,9 @@ def load_records(path_or_name, split: str = "train") -> list[dict]:
     """Load and validate the records of a file, a ``datasets`` directory or a hub data set.
 
     Raises ``FileNotFoundError`` naming a missing path, ``ValueError`` naming the line of malformed
-    JSON or of a record in no known format (with the keys seen), and ``ValueError`` for an empty set.
+    JSON or of a record in no known format (with the keys seen), and ``ValueError`` for an empty set,
+    a file that does not read (not gzip, not UTF-8, ...) or a directory that ``datasets`` cannot load
+    (e.g. files of different record formats, which it cannot combine into one table).
     ``split`` picks the split of a ``DatasetDict`` / hub data set.
     """
     if path_or_name is None or str(path_or_name).strip() == "":
@@ -66,7 +68,10 @@ def load_records(path_or_name, split: str = "train") -> list[dict]:
         if path.is_dir():
             records, lines = _load_dataset_dir(path, split), None
         else:
-            records, lines = _load_file(path)
+            try:
+                records, lines = _load_file(path)
+            except (OSError, EOFError, UnicodeDecodeError) as error:  # unreadable, not gzip, not UTF-8, ...
+                raise ValueError(f"data file {path} could not be read ({type(error).__name__}: {error})") from None
     elif _looks_like_path(str(path_or_name)):
         raise FileNotFoundError(f"data file not found: {path}")
     else:
@@ -334,11 +339,26 @@ def _load_file(path: Path) -> tuple[list, list[int] | None]:
 def _load_dataset_dir(path: Path, split: str) -> list[dict]:
     import datasets
 
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(str(path))
+    saved = any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    try:
+        loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+    except Exception as error:  # datasets' own errors would escape as tracebacks: say what went wrong here
+        raise ValueError(_dataset_dir_error(path, saved, error)) from error
     return _pick_split(loaded, split, str(path)).to_list()
+
+
+def _dataset_dir_error(path: Path, saved: bool, error: Exception) -> str:
+    from datasets.table import CastError
+
+    cause = error.__cause__ if isinstance(error.__cause__, Exception) else error  # DatasetGenerationError wraps it
+    text = " ".join(str(cause).split())[:300]  # one line
+    if isinstance(cause, CastError) or text.startswith("Schema at index"):  # JSON and CSV files of other columns
+        reason = cause.details() if isinstance(cause, CastError) else text
+        return (f"data directory {path}: its data files must share one record format (all messages or all "
+                f"prompt/completion, with the same keys); datasets could not combine them: {reason}")
+    reason = f"{type(cause).__name__}: {text}" if text else f"{type(cause).__name__}, an empty data file?"
+    loader = "datasets.load_from_disk" if saved else "datasets.load_dataset"
+    return f"data directory {path} could not be loaded by {loader} ({reason})"
 
 
 def _load_hub_dataset(name: str, split: str) -> list[dict]:

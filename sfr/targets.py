@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfr.checks import check_device, check_output_dir
 from sfr.data import IGNORE_INDEX, load_records, tokenize_example, validate_records
 
 logger = logging.getLogger(__name__)
@@ -276,9 +277,14 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
     Raises:
         FileNotFoundError: ``data`` names a missing file.
-        ValueError: malformed or empty data, no example with a response token, an ``out`` that is not
-            an sfr targets directory or holds targets of another dimension, an encoder or tokenizer
-            that does not load, a non-finite embedding. Nothing is written in any of these cases.
+        ValueError: malformed or empty data, no example with a response token, an ``out`` that cannot
+            be a directory (checked first), is not an sfr targets directory or holds targets of another
+            dimension, a ``device`` torch cannot use here (checked first), an encoder or tokenizer that
+            does not load, a non-finite embedding. Nothing is written in any of these cases.
+
+    A stale cache is rebuilt with a ``UserWarning``. ``counts["skipped_without_response"]`` counts the
+    examples left without a response token, ``counts["skipped_cut_by_max_length"]`` those of them
+    whose response tokens were all cut away by ``max_length`` (it keeps the first tokens).
     """
     from sfr.tiny_lm import resolve_model_name_or_path
 
@@ -288,6 +294,9 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
     _check_positive_int(num_proc=num_proc)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+    check_device(device, "--device")
+    if out is not None:  # before the data is loaded and tokenised, not when the rows are written
+        out = check_output_dir(out, "--out")
     timings = {}
     started = time.perf_counter()
     records, source = _load_source(data, split)
@@ -299,7 +308,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         "min_segment_tokens": min_segment_tokens, "segment_mode": segment_mode, "max_length": max_length,
         "source": source, "source_fingerprint": _fingerprint(records),
     }
-    out = Path(out).expanduser() if out is not None else _default_out_dir(settings)
+    out = out if out is not None else check_output_dir(_default_out_dir(settings), "--out")
     _remove_stale_work_dirs(out)
 
     existing = _read_metadata(out)
@@ -317,7 +326,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
             stale_reason = f"its rows do not match its metadata: {problem}"
         else:
             stale_reason = f"different {', '.join(changed)}"
-    if existing is None and out.exists() and (out.is_file() or any(out.iterdir())):
+    if existing is None and out.exists() and any(out.iterdir()):
         raise ValueError(f"out {out} exists and is not an sfr targets directory (no {METADATA_FILE}); "
                          f"refusing to overwrite it; choose another --out")
 
@@ -328,20 +337,23 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
             f"out {out} holds targets of dimension {existing.get('embed_dim')} (encoder "
             f"{existing.get('encoder')!r}), but encoder {settings['encoder']!r} has dimension {embed_dim}; "
             f"choose another --out, or pass --overwrite to replace it")
-    if stale_reason is not None:
-        message = f"sfr prepare: cache at {out} is stale ({stale_reason}); rebuilding"
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+    if stale_reason is not None:  # one message: `sfr prepare` prints it on one line (see main)
+        warnings.warn(f"targets cache at {out} is stale ({stale_reason}); rebuilding", UserWarning, stacklevel=2)
 
     tokenizer = _load_tokenizer(settings["tokenizer"])
     t0 = time.perf_counter()
-    rows, anchor_texts, skipped, processes = _segment_records(records, tokenizer, settings, progress, num_proc)
+    rows, anchor_texts, skipped, cut_away, processes = _segment_records(records, tokenizer, settings, progress,
+                                                                       num_proc)
     timings["tokenize_segment_s"] = time.perf_counter() - t0
+    # Truncation keeps the first max_length tokens, so a long context can leave no response token.
+    cut_hint = (f"; {cut_away} of them lost every response token to max_length={max_length}, which keeps each "
+                f"example's first {max_length} tokens: use a larger --max-length" if cut_away else "")
     if not rows:
         raise ValueError(f"data set {source!r}: none of its {len(records)} examples has a response token "
-                         f"(assistant/completion) within max_length={max_length}")
+                         f"(assistant/completion){cut_hint}")
     if skipped:
-        logger.warning("sfr prepare: skipped %d of %d examples without a response token", skipped, len(records))
+        logger.warning("sfr prepare: skipped %d of %d examples without a response token%s",
+                       skipped, len(records), cut_hint)
     num_anchors = sum(len(texts) for texts in anchor_texts)
     unique_texts = list(dict.fromkeys(text for texts in anchor_texts for text in texts))
 
@@ -358,6 +370,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         # the issue's notation for the same numbers
         "E": embed_dim, "K": segment_tokens, "S": anchor_stride, "m": min_segment_tokens,
         "counts": {"records": len(records), "examples": len(rows), "skipped_without_response": skipped,
+                   "skipped_cut_by_max_length": cut_away,
                    "examples_without_anchors": sum(not texts for texts in anchor_texts),
                    "anchors": num_anchors, "unique_segments": len(unique_texts)},
         "throughput": {"device": str(getattr(sentence_encoder, "device", device)),
@@ -373,9 +386,10 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
 
 
 def _segment_records(records, tokenizer, settings, progress, num_proc: int = 1):
-    """``(rows, anchor_texts, skipped, processes)``: one row (without targets) and one list of segment
-    texts per example that has a response token, in record order; ``skipped`` counts the examples
-    without one; ``processes`` is how many processes did the work.
+    """``(rows, anchor_texts, skipped, cut_away, processes)``: one row (without targets) and one list of
+    segment texts per example that has a response token, in record order; ``skipped`` counts the
+    examples without one, ``cut_away`` those of them that had response tokens before the ``max_length``
+    cut; ``processes`` is how many processes did the work.
 
     The records are cut into contiguous chunks of ``_CHUNK_RECORDS``, each done by
     :func:`_segment_chunk`: here when ``num_proc == 1`` or there are fewer than
@@ -412,23 +426,27 @@ def _segment_records(records, tokenizer, settings, progress, num_proc: int = 1):
                 pool.shutdown(wait=True, cancel_futures=True)  # after an error: drop the chunks not started
     rows = [row for part in parts for row in part[0]]
     anchor_texts = [texts for part in parts for texts in part[1]]
-    return rows, anchor_texts, sum(part[2] for part in parts), processes
+    return rows, anchor_texts, sum(part[2] for part in parts), sum(part[3] for part in parts), processes
 
 
 def _segment_chunk(records, start, tokenizer, settings, token_texts=None):
-    """``(rows, anchor_texts, skipped)`` of ``records``, the records ``start, start + 1, ...`` of the
-    source: ``source_index`` and error messages use those global 0-based indices. ``token_texts``
+    """``(rows, anchor_texts, skipped, cut_away)`` of ``records``, the records ``start, start + 1, ...``
+    of the source: ``source_index`` and error messages use those global 0-based indices. ``token_texts``
     caches single-token decodes across calls (see :func:`segment_example`)."""
     token_texts = {} if token_texts is None else token_texts
-    rows, anchor_texts, skipped = [], [], 0
+    rows, anchor_texts, skipped, cut_away = [], [], 0, 0
     for index, record in enumerate(records, start=start):
         try:
-            example = tokenize_example(record, tokenizer, max_length=settings["max_length"])
+            example = tokenize_example(record, tokenizer)  # cut below: a response lost to the cut is told apart
         except Exception as error:
             raise ValueError(f"example {index} (0-based) of {settings['source']!r} could not be tokenised: "
                              f"{type(error).__name__}: {error}") from error
+        had_response = any(label != IGNORE_INDEX for label in example["labels"])
+        if settings["max_length"] is not None:
+            example = {key: value[:settings["max_length"]] for key, value in example.items()}
         if all(label == IGNORE_INDEX for label in example["labels"]):
             skipped += 1
+            cut_away += had_response
             continue
         segments = segment_example(example["input_ids"], example["labels"], tokenizer,
                                    settings["segment_tokens"], settings["anchor_stride"],
@@ -437,7 +455,7 @@ def _segment_chunk(records, start, tokenizer, settings, token_texts=None):
                      "anchor_positions": [s.position for s in segments],
                      "anchor_segment_ends": [s.end for s in segments], "source_index": index})
         anchor_texts.append([s.text for s in segments])
-    return rows, anchor_texts, skipped
+    return rows, anchor_texts, skipped, cut_away
 
 
 def _record_slice(records, start, stop) -> list[dict]:
@@ -681,7 +699,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-segment-tokens", type=int, default=4,
                         help="m: drop segments of fewer than m tokens (default 4)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="cut examples to their first L tokens before finding anchors (default: no cut)")
+                        help="cut examples to their first L tokens before finding anchors; an example whose "
+                             "response starts after token L is skipped (default: no cut)")
     parser.add_argument("--segment-mode", choices=SEGMENT_MODES, default="window",
                         help="window: the next K tokens; sentence: up to the end of the sentence, at most K "
                              "tokens (default window)")
@@ -700,26 +719,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for any value, so it does not change the cache")
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of ``sfr prepare``: one line, no source location."""
+    print(f"sfr prepare: warning: {message}", file=sys.stderr)
+
+
 def main(args) -> int:
     try:
-        result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
-                         segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
-                         min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
-                         segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
-                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
-                         num_proc=args.num_proc)
+        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+            warnings.showwarning = _print_warning
+            result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
+                             segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
+                             min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
+                             segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
+                             split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
+                             num_proc=args.num_proc)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"sfr prepare: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     meta, counts = result.metadata, result.metadata["counts"]
     if result.cache_hit:
         print(f"sfr prepare: cache hit: {result.path} is up to date ({result.timings['total_s']:.2f} s)")
     else:
         print(f"sfr prepare: wrote {result.path} ({result.timings['total_s']:.2f} s)")
+    cut_away = counts.get("skipped_cut_by_max_length", 0)  # absent from caches written before it was counted
+    cut_note = f", {cut_away} of them cut away by --max-length {meta['max_length']}" if cut_away else ""
     print(f"  examples {counts['examples']} of {counts['records']} records (skipped "
-          f"{counts['skipped_without_response']} without response tokens; {counts['examples_without_anchors']} "
-          f"kept without anchors), anchors {counts['anchors']}, unique segments {counts['unique_segments']}, "
-          f"E={meta['embed_dim']}")
+          f"{counts['skipped_without_response']} without response tokens{cut_note}; "
+          f"{counts['examples_without_anchors']} kept without anchors), anchors {counts['anchors']}, "
+          f"unique segments {counts['unique_segments']}, E={meta['embed_dim']}")
     if not result.cache_hit:
         speed = meta["throughput"]
         print(f"  tokenise + segment {speed['tokenize_segment_windows_per_s']:.0f} windows/s, "

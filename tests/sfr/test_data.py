@@ -220,3 +220,43 @@ def test_validate_records_names_the_record():
         validate_records([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}], "m")
     with pytest.raises(ValueError, match="'nothing' is empty"):
         validate_records([], "nothing")
+
+
+def test_load_records_turns_datasets_errors_into_one_line(tmp_path, monkeypatch):
+    import gzip
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # load_dataset caches there
+    pc, chat = {"prompt": "a", "completion": "b"}, {"messages": [{"role": "user", "content": "hi"}]}
+    same = tmp_path / "same"
+    same.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (same / name).write_text(json.dumps(pc) + "\n")
+    assert load_records(same) == [pc, pc]  # a directory of files in one format loads
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text(json.dumps(chat) + "\n")
+    (mixed / "b.jsonl").write_text(json.dumps(pc) + "\n")
+    with pytest.raises(ValueError, match=r"data directory .*mixed: its data files must share one record format"
+                                         r".*could not combine them: there are 2 new columns"):
+        load_records(mixed)
+    empty_file = tmp_path / "empty_file"
+    empty_file.mkdir()
+    (empty_file / "a.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"data directory .*empty_file could not be loaded by datasets.load_dataset "
+                                         r"\(StopIteration, an empty data file\?\)"):
+        load_records(empty_file)
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    (no_data / "notes.xyz").write_text("hello\n")
+    with pytest.raises(ValueError, match=r"no_data could not be loaded by datasets.load_dataset \(DataFilesNotFound"):
+        load_records(no_data)
+    not_gzip = tmp_path / "data.jsonl.gz"
+    not_gzip.write_text(json.dumps(pc) + "\n")
+    with pytest.raises(ValueError, match=r"data file .*data.jsonl.gz could not be read \(BadGzipFile"):
+        load_records(not_gzip)
+    cut_gzip = tmp_path / "cut.jsonl.gz"
+    cut_gzip.write_bytes(gzip.compress((json.dumps(pc) + "\n").encode() * 50)[:40])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz could not be read \(EOFError"):
+        load_records(cut_gzip)

@@ -249,8 +249,9 @@ def test_cache_hit_rebuild_and_dedupe(tmp_path, monkeypatch, encoder):
     first_targets = list(first.dataset["anchor_targets"])
     assert list(again.dataset["anchor_targets"]) == first_targets
 
-    with pytest.warns(UserWarning, match="stale .*different anchor_stride.*rebuilding"):
+    with pytest.warns(UserWarning, match="stale .*different anchor_stride.*rebuilding") as caught:
         rebuilt = prepare(records, out, segment_tokens=8, anchor_stride=2, progress=False)
+    assert [w.filename for w in caught] == [__file__]  # points at the caller of prepare, not at targets.py
     assert not rebuilt.cache_hit and rebuilt.metadata["anchor_stride"] == 2
     assert rebuilt.metadata["counts"]["anchors"] > first.metadata["counts"]["anchors"]
     with pytest.warns(UserWarning, match="different source_fingerprint"):
@@ -476,7 +477,7 @@ def test_num_proc_workers_give_the_same_rows_errors_and_cache(tmp_path, monkeypa
     assert targets._record_slice(datasets.Dataset.from_list(uniform), 3, 9) == uniform[3:]
 
 
-def test_cli_prepare_with_defaults(tmp_path, capsys, encoder):
+def test_cli_prepare_with_defaults(tmp_path, capsys, caplog, encoder):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in small_records()[:3]))
     out = tmp_path / "out"
@@ -490,8 +491,50 @@ def test_cli_prepare_with_defaults(tmp_path, capsys, encoder):
     assert meta["tokenizer"] == str(default_model_path()) and meta["encoder"] == resolve_encoder(None)
     assert cli_main(args + ["--no-progress", "--num-proc", "2"]) == 0  # num_proc does not change the output
     assert "cache hit" in capsys.readouterr().out
-    assert cli_main(["prepare", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out), "--no-progress"]) == 1
-    assert "nope.jsonl" in capsys.readouterr().err
+    assert cli_main(args + ["--no-progress", "--anchor-stride", "4"]) == 0  # a stale cache: said once, on one line
+    err = capsys.readouterr().err
+    assert err.count("stale") == 1 and "sfr prepare: warning: targets cache at" in err and "targets.py" not in err
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]  # not logged as well
+    assert cli_main(["prepare", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out), "--no-progress"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err  # exit code 2, as sfr train / eval / diagnose
+
+
+def test_bad_out_and_device_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    for name in ("_load_source", "load_encoder", "_segment_records"):
+        monkeypatch.setattr(targets, name, lambda *a, **k: pytest.fail("checked after the work started"))
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a directory")
+    with pytest.raises(ValueError, match="--out .*afile is a file, so no directory can be made under it"):
+        prepare([MULTI_TURN], a_file / "sub", progress=False)
+    with pytest.raises(ValueError, match="--out .*afile is an existing file"):
+        prepare([MULTI_TURN], a_file, progress=False)
+    assert cli_main(["prepare", "--out", str(a_file / "sub"), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err
+    device = "cuda:99"  # no machine has it: "CUDA is not available" here, "this machine has N cuda device(s)" there
+    with pytest.raises(ValueError, match=f"--device '{device}': "):
+        prepare([MULTI_TURN], tmp_path / "out", device=device, progress=False)
+    assert cli_main(["prepare", "--out", str(tmp_path / "out"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sfr prepare: error: --device '{device}'") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_examples_whose_response_max_length_cuts_away_are_reported(tmp_path, capsys, caplog, encoder):
+    persona = " ".join(f"I like thing number {i}." for i in range(20))  # a long context before a short reply
+    long_context = {"messages": [{"role": "system", "content": persona}, {"role": "user", "content": "Hi?"},
+                                 {"role": "assistant", "content": "Hello, nice to meet you today."}]}
+    no_answer = {"messages": [{"role": "user", "content": "no answer here"}]}
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (MULTI_TURN, no_answer, long_context)))
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--data", str(data), "--out", str(out), "--max-length", "40", "--no-progress"]) == 0
+    assert "skipped 2 without response tokens, 1 of them cut away by --max-length 40;" in capsys.readouterr().out
+    counts = json.loads((out / METADATA_FILE).read_text())["counts"]
+    assert (counts["examples"], counts["skipped_without_response"], counts["skipped_cut_by_max_length"]) == (1, 2, 1)
+    assert "1 of them lost every response token to max_length=40" in caplog.text
+    assert "use a larger --max-length" in caplog.text
+    with pytest.raises(ValueError, match="none of its 2 examples .*; 1 of them lost every response token to max_length"):
+        prepare([no_answer, long_context], tmp_path / "cut", max_length=40, progress=False)
 
 
 def test_cli_help_explains_every_flag():
