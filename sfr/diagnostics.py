@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sfr.checks import check_device, check_output_dir
+
 SOLVERS = ("euler", "midpoint")
 
 
@@ -47,14 +49,17 @@ def integrate_flow(head, h: torch.Tensor, x0: torch.Tensor, steps: int = 16, sol
 
 
 def pairwise_cosine_dispersion(x: torch.Tensor) -> torch.Tensor:
-    """``1 - mean_{i != j} cos(x_i, x_j)`` over the second-to-last axis: [..., S, E] -> [...]."""
+    """``1 - mean_{i != j} cos(x_i, x_j)`` over the second-to-last axis: [..., S, E] -> [...].
+
+    Never negative: the mean cosine is at most 1, so the value is >= 0 in exact arithmetic, and the
+    round-off of identical draws is clamped to 0."""
     s = x.shape[-2]
     if s < 2:
         raise ValueError(f"need at least 2 samples to measure dispersion, got {s}")
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
     total = unit.sum(dim=-2)  # sum_i u_i; |sum u|^2 = sum_ij cos_ij = S + sum_{i != j} cos_ij
     off_diagonal = (total * total).sum(-1) - (unit * unit).sum(dim=(-2, -1))
-    return 1.0 - off_diagonal / (s * (s - 1))
+    return (1.0 - off_diagonal / (s * (s - 1))).clamp_min(0.0)
 
 
 @torch.no_grad()
@@ -165,7 +170,9 @@ def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
     from sfr.data import load_records, tokenize_example
 
     config.validate()
-    _head_dir(config.model)  # the cheap checks first
+    check_output_dir(config.out, "--out")  # the cheap checks first: a bad --out or --device must not cost the run
+    check_device(config.device, "--device")
+    _head_dir(config.model)
     try:
         records = load_records(config.data)[: config.limit]
     except FileNotFoundError:
@@ -294,8 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="score the first N examples (default 20)")
     parser.add_argument("--max-length", type=int, default=512,
                         help="keep the last N tokens of an example (default 512, at most the model's context)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the source draws (example i uses seed + i)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the source draws (example i uses seed + i; default 0)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sfr.checks import check_output_dir
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -48,21 +50,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialogue.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default 64")
     dialogue.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     dialogue.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
-    dialogue.add_argument("--limit", type=_positive_int, default=None, help="use only the first N unique prompts")
-    dialogue.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per generate call")
-    dialogue.add_argument("--seed", type=int, default=0)
+    dialogue.add_argument("--limit", type=_positive_int, default=None,
+                          help="use only the first N unique prompts (default: all)")
+    dialogue.add_argument("--batch-size", type=_positive_int, default=16,
+                          help="sequences per generate call (default %(default)s)")
+    dialogue.add_argument("--seed", type=int, default=0,
+                          help="sampling seed, the same for every model (default %(default)s)")
     dialogue.add_argument("--encoder", default=None,
                           help="sentence encoder for embedding metrics (default all-MiniLM-L6-v2, offline)")
     dialogue.add_argument("--reference-model", default=None, metavar="DIR",
-                          help="'base' model scoring the replies' NLL (a fluency proxy); omitted: not computed")
+                          help="'base' model scoring the replies' NLL (a fluency proxy) (default: none, not computed)")
     dialogue.add_argument("--no-heldout-nll", action="store_true",
                           help="skip each model's NLL of the reference replies (a quality proxy; on by default)")
     dialogue.add_argument("--judge", default=None, metavar="MODULE:FUNCTION",
                           help="external judge: a callable judge(prompt_messages, reply) -> float, averaged as "
-                               "judge_score (e.g. an LLM-as-judge you write)")
+                               "judge_score (e.g. an LLM-as-judge you write); MODULE is imported with the current "
+                               "directory first on sys.path, so my_judges:score finds ./my_judges.py "
+                               "(default: no judge)")
     dialogue.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
-                          help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers")
-    dialogue.add_argument("--out", default="eval-dialogue", metavar="DIR", help="output directory")
+                          help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers "
+                               "(default %(default)s)")
+    dialogue.add_argument("--out", default="eval-dialogue", metavar="DIR",
+                          help="output directory (default %(default)s)")
 
     code = sub.add_parser(
         "code", help="pass@k on HumanEval / MBPP with generated programs run in a sandbox",
@@ -80,17 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
     code.add_argument("--max-new-tokens", type=_positive_int, default=512, help="default 512")
     code.add_argument("--prompt-style", choices=("auto", "completion", "chat"), default="auto",
-                      help="auto: chat when the tokenizer has a chat template")
-    code.add_argument("--limit", type=_positive_int, default=None, help="use only the first N problems")
-    code.add_argument("--batch-size", type=_positive_int, default=8)
-    code.add_argument("--seed", type=int, default=0)
+                      help="auto: chat when the tokenizer has a chat template (default %(default)s)")
+    code.add_argument("--limit", type=_positive_int, default=None, help="use only the first N problems (default: all)")
+    code.add_argument("--batch-size", type=_positive_int, default=8,
+                      help="sequences per generate call (default %(default)s)")
+    code.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default %(default)s)")
     code.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3)")
     code.add_argument("--sandbox", choices=("auto", "bwrap", "rlimit"), default="auto",
-                      help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker fallback)")
+                      help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker fallback); "
+                           "auto = bwrap when usable (default %(default)s)")
     code.add_argument("--workers", type=_positive_int, default=None, help="programs run in parallel (default: CPUs)")
     code.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
-                      help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers")
-    code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory")
+                      help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers "
+                           "(default %(default)s)")
+    code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory (default %(default)s)")
     parser.set_defaults(eval_parser=parser)
 
 
@@ -100,6 +112,7 @@ def main(args) -> int:
         args.eval_parser.print_help()
         return 2
     try:
+        check_output_dir(args.out, "--out")  # before any sampling: a bad --out must not cost the run
         if command == "code":
             return _code(args)
         return _dialogue(args)

@@ -423,12 +423,20 @@ def fit_persona_classifier(prompts: Sequence[DialoguePrompt], encoder):
 
 
 def load_judge(spec: str) -> Callable:
-    """``"module:function"`` -> the callable ``judge(prompt_messages, reply) -> float`` it names."""
+    """``"module:function"`` -> the callable ``judge(prompt_messages, reply) -> float`` it names.
+
+    The current directory is put first on ``sys.path`` when it is not there (as uvicorn does for its
+    ``module:app``), so ``my_judges:score`` finds ``./my_judges.py`` also from the ``sfr`` console
+    script, whose ``sys.path`` starts with its own folder, not the current one."""
     import importlib
+    import os
+    import sys
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"judge must be 'module:function', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         judge = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -498,6 +506,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
                     reference_model if isinstance(reference_model, (str, Path)) else type(reference_model[0]).__name__),
                 "style_classifier": None if classifier is None else classifier.kind,
                 "style_classes": 0 if system_labels is None else len(system_labels),
+                "personas": len({p.system for p in prompts if p.references}),  # the classifier needs >= 2
                 "corpus_prompts": sum(p.is_corpus for p in prompts),
                 "judge": None if judge is None else getattr(judge, "__qualname__", type(judge).__name__)}
     return {"models": results, "settings": settings, "samples": all_samples, "corpus": corpus_reference_row(prompts)}

@@ -91,7 +91,8 @@ def embedding_diversity(embeddings) -> float:
     """``1 - mean_{i != j} cos(e_i, e_j)`` over the rows of ``embeddings`` [n, E] (NumPy or torch).
 
     0 when all samples embed in the same direction; 1 for mutually orthogonal ones. Needs n >= 2
-    and no all-zero row.
+    and no all-zero row. Never negative: the mean cosine is at most 1, so the value is >= 0 in exact
+    arithmetic, and the round-off of identical samples (e.g. ``-2e-16``) is clamped to 0.
     """
     if hasattr(embeddings, "detach"):  # torch tensor
         embeddings = embeddings.detach().cpu().double().numpy()
@@ -107,7 +108,7 @@ def embedding_diversity(embeddings) -> float:
     unit = x / norms
     cos = unit @ unit.T
     off_diagonal = cos.sum() - np.trace(cos)
-    return float(1.0 - off_diagonal / (n * (n - 1)))
+    return max(0.0, float(1.0 - off_diagonal / (n * (n - 1))))  # round-off of identical rows, see above
 
 
 def entropy(probabilities: Mapping[str, float] | Sequence[float]) -> float:

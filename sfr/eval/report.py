@@ -112,6 +112,24 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
     if results.get("corpus"):
         table_rows["corpus (known)"] = results["corpus"]
     settings = results.get("settings", {})
+    if settings.get("style_classifier"):
+        kind = str(settings["style_classifier"]).replace("_", "-")
+        style = (f"Style accuracy: a {kind} persona classifier on sentence embeddings, trained on the data's "
+                 "reference replies. ")
+    else:  # fit_persona_classifier needs the references of at least 2 system prompts
+        style = ("Style accuracy: not computed: the persona classifier needs reference replies from ≥ 2 personas "
+                 f"(distinct system prompts) among the prompts, and these prompts have "
+                 f"{settings.get('personas', 'fewer than 2')}. ")
+    if settings.get("reference_model"):
+        reference = (f"reference-model NLL = the samples' NLL/token under `{settings['reference_model']}` "
+                     "(fluency; also rewards bland text); ")
+    else:
+        reference = "reference-model NLL: not computed (no `--reference-model`); "
+    if any(row.get("heldout_nll") is not None for row in rows.values()):
+        heldout = ("held-out NLL = the model's own NLL/token of the data's reference replies (lower = the model "
+                   "still fits real replies); ")
+    else:
+        heldout = "held-out NLL: not computed (`--no-heldout-nll`, or prompts without a reference reply); "
     md = ["# Dialogue evaluation", "",
           f"Data: `{settings.get('data')}` ({settings.get('num_prompts')} prompts, {settings.get('samples')} samples "
           f"each, temperature {settings.get('temperature')}, top-p {settings.get('top_p')}, "
@@ -119,12 +137,12 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
           markdown_table(table_rows, columns),
           "↑ higher is better, ↓ lower is better"
           + (", → corpus: closest to the `corpus (known)` row (the corpus' known frequencies) is best" if
-             results.get("corpus") else "") + ". Every metric is computed per prompt (over its samples) and averaged over prompts; self-BLEU is on sacrebleu's "
-          "0-100 scale. Style accuracy: a logistic-regression persona classifier on sentence embeddings, trained on "
-          "the data's reference replies. Quality proxies: held-out NLL = the model's own NLL/token of the data's "
-          "reference replies (lower = the model still fits real replies); reference-model NLL = the samples' "
-          f"NLL/token under `{settings.get('reference_model')}` (fluency; also rewards bland text); valid-reply and "
-          "on-topic rate (embedded corpus only) are exact checks of well-formedness. See `sfr.eval.dialogue`.", ""]
+             results.get("corpus") else "")
+          + ". Every metric is computed per prompt (over its samples) and averaged over prompts; self-BLEU is on "
+          "sacrebleu's 0-100 scale. " + style
+          + "Quality proxies: " + heldout + reference
+          + "valid-reply and on-topic rate (embedded corpus only) are exact checks of well-formedness. "
+          "See `sfr.eval.dialogue`.", ""]
     summary = {key: value for key, value in results.items() if key != "samples"}
     files = {"results.json": summary, "report.md": "\n".join(md)}
     if "samples" in results:

@@ -14,6 +14,9 @@ def test_dispersion_matches_brute_force():
         assert torch.allclose(pairwise_cosine_dispersion(x)[n], brute, atol=1e-6)
     same = torch.randn(1, 1, 7).expand(1, 4, 7)
     assert pairwise_cosine_dispersion(same).abs().max() < 1e-6  # identical endpoints: locked
+    for seed in range(10):  # ... and never below 0 (unclamped float32 round-off gives -1.2e-7 for seed 0)
+        draw = torch.randn(1, 1, 384, generator=torch.Generator().manual_seed(seed)).expand(1, 4, 384)
+        assert pairwise_cosine_dispersion(draw).min() >= 0.0
     with pytest.raises(ValueError, match="at least 2"):
         pairwise_cosine_dispersion(torch.randn(2, 1, 7))
 
@@ -159,3 +162,39 @@ def test_diagnose_bad_input_is_a_clear_error(trained, eval_data, tmp_path, capsy
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert last.startswith("sfr diagnose: error:") and message in last, (argv, err)
+
+
+def test_diagnose_checks_out_and_device_before_any_work(trained, eval_data, tmp_path, capsys, monkeypatch):
+    import sfr.diagnostics
+    from sfr.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sfr.diagnostics, "_load", no_loading)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    base = ["diagnose", "--model", str(trained), "--data", str(eval_data), "--limit", "1"]
+    for out, message in ((afile, "--out"), (afile / "x", "--out")):
+        assert main([*base, "--out", str(out)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"sfr diagnose: error: {message} {out}"), last
+    # cuda:99 exists nowhere: "not available" on a CPU machine, "has N cuda device(s)" on a GPU one
+    for device in ("cuda:99", "bogus"):
+        assert main([*base, "--out", str(tmp_path / "o"), "--device", device]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"sfr diagnose: error: --device {device!r}"), last
+    assert not (tmp_path / "o").exists()
+
+
+def test_diagnose_help_states_every_default():
+    import argparse
+
+    from sfr.diagnostics import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    undocumented = [action.option_strings[0] for action in parser._actions
+                    if action.option_strings and action.nargs != 0 and not action.required
+                    and "default" not in (action.help or "")]
+    assert undocumented == []

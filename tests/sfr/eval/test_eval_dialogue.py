@@ -128,6 +128,22 @@ def test_judge_loader(tmp_path, monkeypatch):
             load_judge(spec)
 
 
+def test_judge_module_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from sfr.eval.dialogue import load_judge
+
+    # like the `sfr` console script: the current directory is not on sys.path
+    (tmp_path / "judge_in_cwd.py").write_text("def score(messages, reply):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", os.getcwd())])
+    monkeypatch.delitem(sys.modules, "judge_in_cwd", raising=False)
+    assert load_judge("judge_in_cwd:score")([], "abc") == 0.5
+    assert sys.path[0] == os.getcwd()
+    sys.modules.pop("judge_in_cwd", None)
+
+
 def test_nearest_centroid_and_logistic_classifiers_separate_clusters():
     rng = np.random.default_rng(3)
     centers = np.eye(4)[:2] * 5
@@ -194,3 +210,66 @@ def test_judge_hook_is_averaged(encoder, tmp_path):
     metrics = score_replies(prompts, [["ab", "abcd"]], encoder=None, judge=judge)
     assert metrics["judge_score"] == 3.0 and calls == [("q", "ab"), ("q", "abcd")]
     assert metrics["embedding_diversity"] is None and metrics["reference_nll"] is None
+
+
+# ---- the report and the command line, without a model -------------------------------------------------
+def _results(**settings):
+    metrics = {"distinct_1": 0.5, "heldout_nll": 2.0, "style_accuracy": None, "per_prompt": {}}
+    return {"models": {"m": metrics}, "corpus": None,
+            "settings": {"data": "d.jsonl", "num_prompts": 2, "samples": 2, "reference_model": None,
+                         "style_classifier": None, "personas": 1, **settings}}
+
+
+def test_report_says_why_style_accuracy_and_reference_nll_are_missing(tmp_path):
+    from sfr.eval.report import write_dialogue_report
+
+    report = (tmp_path / "a" / "report.md")
+    write_dialogue_report(_results(), tmp_path / "a")
+    text = report.read_text()
+    assert "style accuracy" not in text.split("\n\n")[2]  # not a column of the table
+    assert "needs reference replies from ≥ 2 personas" in text and "these prompts have 1" in text
+    assert "`None`" not in text and "reference-model NLL: not computed (no `--reference-model`)" in text
+    write_dialogue_report(_results(reference_model="sfr-tiny", style_classifier="logistic_regression", personas=3),
+                          tmp_path / "b")
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "the samples' NLL/token under `sfr-tiny`" in text and "a logistic-regression persona classifier" in text
+    assert "not computed" not in text
+
+
+def _eval_parsers():
+    import argparse
+
+    from sfr.eval.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices
+
+
+def test_eval_help_states_every_default():
+    for name, parser in _eval_parsers().items():
+        undocumented = [action.option_strings[0] for action in parser._actions
+                        if action.option_strings and action.nargs != 0 and not action.required
+                        and "default" not in (action.help or "")]
+        assert undocumented == [], name
+        assert "(default eval-" + name in parser.format_help().replace("\n", " ")  # the --out folder
+
+
+def test_eval_checks_out_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import sfr.eval.code
+    import sfr.eval.dialogue
+    from sfr.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluation started before --out was checked")
+
+    monkeypatch.setattr(sfr.eval.dialogue, "evaluate_dialogue", no_work)
+    monkeypatch.setattr(sfr.eval.code, "evaluate_code", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for command in ("dialogue", "code"):
+        for out in (afile, afile / "x"):
+            assert main(["eval", command, "--model", "sfr-tiny", "--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"sfr eval {command}: error: --out {out}") and "\n" not in err, err

@@ -86,6 +86,14 @@ def test_embedding_diversity_exact_values():
         embedding_diversity(np.zeros((2, 3)))
 
 
+def test_embedding_diversity_of_identical_samples_is_exactly_zero_never_negative():
+    # 1 - mean cosine is >= 0 in exact arithmetic; without the clamp, round-off gives e.g. -2.2e-16 here
+    for seed in range(20):
+        same = np.repeat(np.random.default_rng(seed).normal(size=(1, 384)), 3, axis=0)
+        value = embedding_diversity(same)
+        assert 0.0 <= value < 1e-12
+
+
 def test_mode_statistics_hand_computed():
     reference = {"pasta": 0.6, "curry": 0.3, "salad": 0.1}
     stats = mode_statistics(["pasta", "pasta", "curry", None], reference)
