@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sfr.checks import check_output_dir
+
 MODELS = ("SFT", "SFR")
 OBJECTIVES = {"SFT": "sft", "SFR": "sfr"}
 
@@ -114,7 +116,7 @@ def training_arguments(objective: str, output_dir, settings: DemoSettings, devic
     return SFRTrainingArguments.for_embedded_default(  # warm-up and phases scale with max_steps
         output_dir=str(output_dir), objective=objective, max_steps=steps, seed=settings.seed,
         data_seed=settings.seed, logging_steps=max(1, steps // 50), save_strategy="no", report_to=[], disable_tqdm=not progress,
-        use_cpu=device == "cpu")
+        use_cpu=device == "cpu", overwrite_output_dir=True)  # a demo run again replaces the last one
 
 
 def _say(message: str, quiet: bool = False) -> None:
@@ -452,16 +454,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", "--out", default="sfr-demo", metavar="DIR",
                         help="where the report, plots, results and both models go (default ./sfr-demo)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke-test budget ({QUICK.max_steps} steps, {QUICK.samples} samples, {QUICK.limit} "
-                             "prompts); flags below still override it")
+                        help=f"smoke-test budget: {QUICK.max_steps} steps, {QUICK.samples} samples, "
+                             f"{QUICK.max_new_tokens} new tokens per reply, {QUICK.limit} prompts, diagnostics on "
+                             f"{QUICK.diagnose_limit} examples, {QUICK.bootstrap_resamples} bootstrap resamples; "
+                             "flags below still override it (default: off, the full budget)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help=f"optimizer steps for each model (default {FULL.max_steps})")
+                        help=f"optimizer steps for each model (default {FULL.max_steps}; {QUICK.max_steps} with --quick)")
     parser.add_argument("--seed", type=int, default=None, help="training and sampling seed, the same for both (default 0)")
     parser.add_argument("--samples", type=int, default=None,
-                        help=f"sampled replies per prompt (default {FULL.samples}, at least 2)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"per reply (default {FULL.max_new_tokens})")
+                        help=f"sampled replies per prompt, at least 2 (default {FULL.samples}; {QUICK.samples} "
+                             "with --quick)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"per reply (default {FULL.max_new_tokens}; {QUICK.max_new_tokens} with --quick)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N eval prompts (default all 18)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"evaluate only the first N eval prompts (default all 18; {QUICK.limit} with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                         help="where to train and sample (default cpu)")
     parser.add_argument("--no-diagnose", action="store_true", help="skip the Lock/Fork diagnostics of the SFR model")
@@ -475,6 +482,7 @@ def main(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        check_output_dir(args.output_dir, "--output-dir")  # before training: a bad path must not cost the run
         settings = demo_settings(args.quick, max_steps=args.max_steps, seed=args.seed, samples=args.samples,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, limit=args.limit,
                                  device=args.device, diagnose=False if args.no_diagnose else None)

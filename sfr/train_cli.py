@@ -4,7 +4,7 @@ Every field of :class:`sfr.trainer.SFRTrainingArguments` is a flag, in underscor
 (``--max_steps`` / ``--max-steps``), as ``HfArgumentParser`` makes them. ``--config file.yaml`` reads
 the same names as keys; flags on the command line override the file. With no ``--model`` the
 embedded tiny LM is trained, and every setting the user leaves unset takes its value from
-:data:`sfr.trainer.TINY_DEFAULTS` (a CPU run of a few minutes), with warm-up and phase lengths scaled to
+:data:`sfr.trainer.TINY_DEFAULTS` (a CPU run of about 20 seconds), with warm-up and phase lengths scaled to
 ``--max-steps`` (:func:`sfr.trainer.tiny_defaults`).
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 DEFAULT_OUTPUT_DIR = "sfr-output"
 EPILOG = """\
 examples:
-  sfr train --output-dir runs/tiny                          # embedded tiny LM + persona corpus, CPU, < 1 min
+  sfr train --output-dir runs/tiny                          # embedded tiny LM + persona corpus, CPU, ~20 s
   sfr train                                                 # the same, writing to ./sfr-output
   sfr train --output-dir runs/sft --objective sft           # the plain fine-tuning baseline
   sfr train --output-dir runs/q --model Qwen/Qwen2.5-0.5B-Instruct --data chats.jsonl \\
             --bf16 --per-device-train-batch-size 8 --max-steps 2000 --lambda-max 0.5
-  sfr train --output-dir runs/q --resume-from-checkpoint latest
+  sfr train --output-dir runs/q --resume-from-checkpoint latest   # continue a run (the same --output-dir)
   sfr train --config run.yaml --max-steps 10                # YAML keys = these argument names
 
 phases: lambda = 0 for --phase-a-steps (the head learns alone), then a linear ramp to --lambda-max over
@@ -48,8 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Fine-tune a causal LM with cross-entropy plus Semantic Flow Regularization (a flow-matching head on the "
         "final hidden state learns the distribution of the future text's sentence embedding), or plain SFT / the "
         "MTP preset with the same code path. Without --model/--data it trains the embedded tiny LM on the embedded "
-        "persona corpus on the CPU in a few minutes. Every TrainingArguments option is accepted as well.")
-    from sfr.trainer import TINY_DEFAULTS
+        "persona corpus on the CPU in about 20 seconds; without --model, the embedded run's settings (listed at the "
+        "end) replace the defaults shown for those options. Every TrainingArguments option is accepted as well. "
+        "An --output-dir that holds a run is refused unless --resume-from-checkpoint or --overwrite-output-dir "
+        "is given.")
+    from sfr.trainer import _SCALED_WITH_MAX_STEPS, TINY_DEFAULTS
 
     parser.epilog = EPILOG + ("\nwithout --model, unset options take the embedded run's values: "
                               + ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS.items())
@@ -76,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions[before:]:
         if action.dest == "output_dir":
             action.help = f"where the model, sfr_head/ and checkpoints are written (default: ./{DEFAULT_OUTPUT_DIR})"
+        elif action.dest in TINY_DEFAULTS and action.help and TINY_DEFAULTS[action.dest] != defaults[action.dest]:
+            # The listed default applies with --model only: the embedded default run uses its own value.
+            scaled = ", scaled with --max-steps" if action.dest in _SCALED_WITH_MAX_STEPS else ""
+            action.help += f" (default: {defaults[action.dest]}; without --model: {TINY_DEFAULTS[action.dest]}{scaled})"
         elif action.dest in defaults and action.help and "default" not in action.help.lower():
             action.help += f" (default: {defaults[action.dest]})"
         # Only flags given on the command line reach main(): they override the YAML file and the tiny defaults.
@@ -104,7 +111,13 @@ def read_config(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--config: file not found: {file}")
-    content = yaml.safe_load(file.read_text()) or {}
+    try:
+        content = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ValueError(f"--config {file}: not valid YAML: {problem}{where}") from None
     if not isinstance(content, dict):
         raise ValueError(f"--config {file}: expected a mapping of argument names to values, got {type(content).__name__}")
     fields, hints = _training_fields()
@@ -132,19 +145,29 @@ def build_arguments(values: dict):
 
 
 def _summary(result, wall_s: float) -> str:
-    """A few lines for the end of a run: steps and time, first -> last logged losses, where things went."""
+    """A few lines for the end of a run: steps and time, the logged losses, where things went.
+
+    The steps are the trainer's ``global_step``; the losses read "first -> last" when at least two
+    steps were logged, else the one logged value (or the run's mean loss when nothing was logged).
+    """
     metrics = result.metrics
     logged = [h for h in result.log_history if "loss" in h]
-    steps = logged[-1]["step"] if logged else None
     training = f", training {metrics['train_wall_s']:.1f} s" if "train_wall_s" in metrics else ""
-    lines = [f"sfr train: {steps} steps in {wall_s:.1f} s (loading and preparing data included{training})"]
+    lines = [f"sfr train: {result.global_step} steps in {wall_s:.1f} s (loading and preparing data included{training})"]
     if logged:
         first, last = logged[0], logged[-1]
-        trends = [f"{name} {first[name]:.4g} -> {last[name]:.4g}" for name in ("loss", "ce_loss", "sfr_loss")
-                  if name in first and name in last]
+        names = [name for name in ("loss", "ce_loss", "sfr_loss") if name in first and name in last]
+        if first.get("step") != last.get("step"):
+            values = [f"{name} {first[name]:.4g} -> {last[name]:.4g}" for name in names]
+            heading = f"logged (step {first.get('step')} -> {last.get('step')})"
+        else:
+            values = [f"{name} {last[name]:.4g}" for name in names]
+            heading = f"logged (step {last.get('step')}, the only logged step)"
         if "sfr_lambda" in last:
-            trends.append(f"sfr_lambda {last['sfr_lambda']:.4g}")
-        lines.append(f"  logged (first -> last): {', '.join(trends)}")
+            values.append(f"sfr_lambda {last['sfr_lambda']:.4g}")
+        lines.append(f"  {heading}: {', '.join(values)}")
+    elif "train_loss" in metrics:
+        lines.append(f"  nothing logged (--logging-steps > steps); mean loss over the run: {metrics['train_loss']:.4g}")
     lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
     if (Path(result.output_dir) / "sfr_head").is_dir():
         lines.append(f"  flow head: {Path(result.output_dir) / 'sfr_head'} (sfr diagnose --model {result.output_dir})")

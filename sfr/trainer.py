@@ -20,8 +20,8 @@ input, train, save, and return a :class:`TrainResult`.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from sfr.checks import check_output_dir
 from sfr.config import SFRConfig
 from sfr.model import (
     CE_BACKENDS,
@@ -47,14 +49,13 @@ from sfr.model import (
 )
 from sfr.schedule import device_seed, sfr_lambda
 from sfr.targets import SEGMENT_MODES
+from sfr_kernels import triton_runs_on
 from sfr_kernels.reference import TIME_SAMPLINGS
-
-logger = logging.getLogger(__name__)
 
 TEACHER_DIR = "sfr_teacher"
 TEACHER_WEIGHTS = "model.safetensors"
 
-# Settings that suit the embedded default (a tiny LM on the persona corpus, CPU, a few minutes).
+# Settings that suit the embedded default (a tiny LM on the persona corpus: ~20 s on a 2-core CPU).
 # `sfr train` applies them when no --model is given, for every setting the user leaves unset.
 TINY_DEFAULTS = dict(
     max_steps=200,
@@ -124,7 +125,8 @@ class SFRTrainingArguments(TrainingArguments):
     time_std: float = field(default=1.0, metadata={"help": "logit-normal time scale"})
     encoder: str | None = field(default=None, metadata={"help": (
         "sentence encoder for the targets when raw data is prepared (default: the one `sfr prepare` uses)")})
-    max_length: int | None = field(default=None, metadata={"help": "truncate tokenised examples to this many tokens"})
+    max_length: int | None = field(default=None, metadata={"help": (
+        "truncate tokenised examples to this many tokens; unset = the model's context (max_position_embeddings)")})
     segment_tokens: int = field(default=32, metadata={"help": "K: tokens of an anchor's future segment (preparing raw data)"})
     anchor_stride: int = field(default=8, metadata={"help": "S: an anchor every S response tokens (preparing raw data)"})
     min_segment_tokens: int = field(default=4, metadata={"help": "m: shorter segments are dropped (preparing raw data)"})
@@ -137,6 +139,9 @@ class SFRTrainingArguments(TrainingArguments):
     attn_implementation: str | None = field(default=None, metadata={"help": (
         "attention of the loaded model; unset = flash_attention_2 when flash-attn is installed, CUDA is up "
         "and training is in bf16/fp16, else sdpa")})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "train into an --output-dir that holds a previous run, replacing its model (its checkpoint-* folders "
+        "stay, and save_total_limit may rotate them away); without it such a run is refused")})
 
     # Defaults that differ from TrainingArguments'.
     logging_steps: float = field(default=10, metadata={"help": "log every N optimizer steps"})
@@ -153,6 +158,13 @@ class SFRTrainingArguments(TrainingArguments):
         for name in ("phase_a_steps", "ramp_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
+                             f"num_train_epochs, got {self.max_steps}")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if self.lambda_max < 0:
             raise ValueError(f"lambda_max must be >= 0, got {self.lambda_max}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -209,8 +221,8 @@ class PhaseCheckCallback(TrainerCallback):
                     f"(phase_a_steps={args.phase_a_steps}, ramp_steps={args.ramp_steps}) reaches "
                     f"lambda_max={args.lambda_max:g}")
         message = f"sfr train: {what}; shorten --phase-a-steps / --ramp-steps for a run this short"
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+        # Shown once, attributed to this line: a higher stacklevel would name transformers' callback handler.
+        warnings.warn(message, UserWarning, stacklevel=1)
 
 
 class EMAUpdateCallback(TrainerCallback):
@@ -438,12 +450,14 @@ class TrainResult:
     """What :func:`train` returns: where the model went, the Trainer's log history, final metrics.
 
     ``metrics`` holds the Trainer's ``train_*`` metrics, ``train_wall_s`` and the last logged
-    ``final_loss`` / ``final_ce_loss`` / ``final_sfr_loss`` / ``final_sfr_lambda``.
+    ``final_loss`` / ``final_ce_loss`` / ``final_sfr_loss`` / ``final_sfr_lambda``; ``global_step`` is
+    the number of optimizer steps the model has had (those of a resumed run included).
     """
 
     output_dir: str
     log_history: list[dict]
     metrics: dict
+    global_step: int = 0
 
 
 def resolve_checkpoint(value: str | None, output_dir: str | None) -> str | None:
@@ -510,12 +524,30 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     Returns:
         :class:`TrainResult` with ``output_dir``, the Trainer's ``log_history`` and the final metrics.
 
-    Every check that can fail (arguments, checkpoint, model layout, tokenizer, target dimension) runs
-    before the first training step, the cheap ones before any data is prepared.
+    Every check that can fail (arguments, output directory, checkpoint, model layout, tokenizer, token
+    ids, target dimension) runs before the first training step, the cheap ones before any model is
+    loaded or data is prepared. An ``output_dir`` that holds a previous run is refused unless the run
+    resumes (``resume_from_checkpoint``) or replaces it (``overwrite_output_dir``). A run that fails
+    removes the output directory again when it created it and wrote nothing there.
     """
     if not isinstance(args, SFRTrainingArguments):
         raise TypeError(f"args must be SFRTrainingArguments, got {type(args).__name__}")
+    output_dir = check_output_dir(args.output_dir)
+    _check_loss_backend(args, model)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        _check_previous_run(output_dir, args.overwrite_output_dir)
+    created = _outermost_missing(output_dir)
+    try:
+        return _train(args, checkpoint, model, data, tokenizer, callbacks)
+    except BaseException:
+        if created is not None:
+            _remove_if_empty(created)
+        raise
+
+
+def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, tokenizer, callbacks) -> TrainResult:
+    """:func:`train` once the output directory and the checkpoint are known to be usable."""
     saved_dim = _head_embed_dim_in_checkpoint(checkpoint) if checkpoint else None
     if checkpoint and args.objective != "sft" and saved_dim is None:
         raise ValueError(f"resume_from_checkpoint: {checkpoint} has no {HEAD_DIR}/ (was it written by an sft run?)")
@@ -530,8 +562,10 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
         backbone, loaded_tokenizer = load_model_and_tokenizer(model_name, attn)
         tokenizer_source = model_name  # None = the embedded tiny LM, as sfr prepare understands it
         tokenizer = tokenizer or loaded_tokenizer
+        model_label = model_name or DEFAULT_MODEL
     else:
         backbone = model.backbone if isinstance(model, SFRModel) else model
+        model_label = args.model or getattr(backbone, "name_or_path", None) or "<this model>"
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -548,6 +582,7 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     _check_tokenizer(tokenizer, backbone)
 
     dataset, embed_dim = load_training_data(args, tokenizer_source, data)
+    _check_token_ids(dataset, backbone, model_label)
     if args.objective != "sft":
         if embed_dim is None:
             raise ValueError(f"data: objective {args.objective!r} needs prepared targets (anchor_targets), found none")
@@ -569,7 +604,8 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
 
     from sfr.collator import SFRDataCollator
 
-    collator = SFRDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, embed_dim=embed_dim)
+    collator = SFRDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=_max_length(args, backbone, dataset),
+                               embed_dim=embed_dim)
     extra = list(callbacks or [])
     if sfr_model.teacher is not None:
         extra.append(EMAUpdateCallback())
@@ -607,7 +643,59 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     if trainer.args.should_save:
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-    return TrainResult(output_dir=str(args.output_dir), log_history=list(trainer.state.log_history), metrics=metrics)
+    return TrainResult(output_dir=str(args.output_dir), log_history=list(trainer.state.log_history), metrics=metrics,
+                       global_step=int(trainer.state.global_step))
+
+
+# Files that a run (or a trainer.save_model) leaves in its output directory.
+_RUN_FILES = ("trainer_state.json", TRAINING_ARGS_NAME, "model.safetensors", "model.safetensors.index.json", HEAD_DIR)
+
+
+def _check_previous_run(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that holds a run (checkpoints or a saved model) unless ``overwrite`` is set.
+
+    A new run there would overwrite the model and, through ``save_total_limit``, delete the old
+    run's checkpoints.
+    """
+    if not output_dir.is_dir():
+        return
+    checkpoints = sorted(p.name for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    found = checkpoints + [name for name in _RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return
+    if overwrite:
+        _say(f"--overwrite-output-dir: replacing the run in {output_dir}"
+             + (f"; its {len(checkpoints)} checkpoint-* folders stay, and save_total_limit may rotate them away"
+                if checkpoints else ""))
+        return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    raise ValueError(f"--output-dir {output_dir} holds a run ({shown}): pass --resume-from-checkpoint latest to "
+                     "continue it, --overwrite-output-dir to replace it, or another --output-dir")
+
+
+def _check_loss_backend(args: SFRTrainingArguments, model) -> None:
+    """Fail now, not at the first step, when ``loss_backend='triton'`` cannot run on the training device."""
+    backend = model.loss_backend if isinstance(model, SFRModel) else args.loss_backend
+    if backend != "triton" or args.objective == "sft" or triton_runs_on(args.device):
+        return
+    raise ValueError(f"--loss-backend triton: the Triton kernels need CUDA and this run's device is {args.device} "
+                     "(on the CPU they run only in the interpreter: set TRITON_INTERPRET=1 before starting); "
+                     "use --loss-backend auto or torch")
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (the first one a run creates), or None."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when it holds no file at all (only empty folders): what a failed run left there."""
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_tokenizer(tokenizer, backbone) -> None:
@@ -621,6 +709,53 @@ def _check_tokenizer(tokenizer, backbone) -> None:
     if rows is not None and len(tokenizer) > rows:
         raise ValueError(f"tokenizer: its {len(tokenizer)} tokens do not fit the model's {rows} embeddings "
                          "(a tokenizer of another model?)")
+
+
+def _token_columns(dataset):
+    """The ``input_ids`` and ``labels`` columns of a ``datasets.Dataset`` as Arrow arrays (no copy of the rows)."""
+    table = dataset.with_format("arrow")[:]
+    return {name: table.column(name) for name in ("input_ids", "labels") if name in table.column_names}
+
+
+def _check_token_ids(dataset, backbone, model_label: str) -> None:
+    """The data's input ids must index the model's input embeddings, and its labels the model's logits.
+
+    Data prepared with another model's tokenizer fails here instead of inside ``F.embedding`` at step 1.
+    """
+    import pyarrow.compute as pc
+
+    if len(dataset) == 0:
+        return
+    embeddings = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    sizes = {"input_ids": ("input embeddings", getattr(embeddings, "num_embeddings", None)),
+             "labels": ("output logits", getattr(find_lm_head(backbone), "out_features", None))}
+    for name, column in _token_columns(dataset).items():
+        what, size = sizes[name]
+        largest = pc.max(pc.list_flatten(column)).as_py()
+        if size is not None and largest is not None and largest >= size:
+            raise ValueError(f"data: its {name} reach token id {largest} but the model has {size} {what} (data "
+                             f"prepared with another tokenizer?); prepare it again with --model {model_label}")
+
+
+def _max_length(args: SFRTrainingArguments, backbone, dataset) -> int | None:
+    """The collator's ``max_length``: ``args.max_length``, else the model's context (``max_position_embeddings``).
+
+    Says once how many examples are longer, hence truncated (the collator keeps an anchor only when
+    its first segment token survives).
+    """
+    context = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    limit = args.max_length or (context if isinstance(context, int) and context >= 2 else None)
+    column = _token_columns(dataset).get("input_ids") if limit else None
+    if column is None:
+        return limit
+    import pyarrow.compute as pc
+
+    longer = pc.sum(pc.greater(pc.list_value_length(column), limit)).as_py() or 0
+    if longer:
+        why = "--max-length" if args.max_length else f"warning: the model's context (max_position_embeddings={limit})"
+        _say(f"{why}: {longer} of {len(dataset)} examples are longer than {limit} tokens and are truncated to it "
+             "(anchors past it are dropped)")
+    return limit
 
 
 def _head_embed_dim_in_checkpoint(checkpoint: str) -> int | None:

@@ -205,10 +205,29 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
     text = capsys.readouterr().out
     for flag in ("--quick", "--output-dir", "--max-steps", "--seed", "--samples", "--limit"):
         assert flag in text
+    import argparse
+
+    from sfr.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+    assert f"{QUICK.max_new_tokens} new tokens per reply" in helps["--quick"]  # everything --quick changes
+    assert f"diagnostics on {QUICK.diagnose_limit} examples" in helps["--quick"]
+    undocumented = [action.option_strings[0] for action in parser._actions
+                    if action.option_strings and action.nargs != 0 and "default" not in action.help]
+    assert undocumented == []  # every option that takes a value states its default
     assert main(["demo", "--quick", "--samples", "1", "--output-dir", str(tmp_path / "x")]) == 2
     assert "samples must be an int >= 2" in capsys.readouterr().err
     assert main(["demo", "--max-steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()  # failed before writing anything
+    assert "max_steps must be a positive int" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "x"):  # checked before training: a one-line error naming the argument
+        assert main(["demo", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sfr demo: error: --output-dir {out}") and "\n" not in err, err
     with pytest.raises(ValueError, match="device"):
         demo_settings(device="tpu")
 

@@ -63,6 +63,55 @@ def test_bad_input_fails_before_training(tmp_path, capsys, argv, message):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_malformed_yaml_config_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("max-steps: [\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML: .* \(line 2, column 1\)"):
+        read_config(str(config))
+    assert main(["train", "--output-dir", str(tmp_path / "o"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sfr train: error: --config") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output-dir", "{tmp}/file"], "is an existing file, not a directory"),
+    (["--output-dir", "{tmp}/new/run", "--max-steps", "0"], "max_steps must be a positive"),
+    (["--output-dir", "{tmp}/new/run", "--max-steps", "-5"], "max_steps must be a positive"),
+    (["--output-dir", "{tmp}/new/run", "--learning-rate", "-1"], "learning_rate must be >= 0"),
+    (["--output-dir", "{tmp}/new/run", "--per-device-train-batch-size", "0"], "per_device_train_batch_size"),
+    (["--output-dir", "{tmp}/new/run", "--loss-backend", "triton"], "the Triton kernels need CUDA"),
+])
+def test_bad_input_is_an_error_line_and_leaves_no_output_dir(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "sfr train: error: " in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_summary_reports_the_step_count_and_a_trend_only_between_two_logged_steps():
+    from sfr.train_cli import _summary
+    from sfr.trainer import TrainResult
+
+    def summary(logged, **metrics):
+        return _summary(TrainResult("out", logged, metrics, global_step=15), 1.0)
+
+    one = summary([{"step": 10, "loss": 7.801, "ce_loss": 6.8}])
+    assert one.startswith("sfr train: 15 steps") and "loss 7.801, ce_loss 6.8" in one and "->" not in one
+    two = summary([{"step": 5, "loss": 8.0}, {"step": 10, "loss": 7.5}, {"train_loss": 7.9, "step": 15}])
+    assert "15 steps" in two and "loss 8 -> 7.5" in two
+    none = summary([{"train_loss": 7.9, "step": 15}], train_loss=7.9)
+    assert "15 steps" in none and "mean loss over the run: 7.9" in none
+
+
+def test_help_shows_the_defaults_of_the_embedded_run_and_one_duration():
+    text = build_parser("train").command_parsers["train"].format_help()
+    assert f"without --model: {TINY_DEFAULTS['max_steps']}" in text  # not only transformers' -1
+    assert "20 s" in text and "few minutes" not in text and "< 1 min" not in text
+
+
 def test_unknown_objective_is_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--output-dir", str(tmp_path), "--objective", "dpo"])

@@ -266,6 +266,18 @@ def test_trainer_rejects_a_plain_model_and_bad_arguments(tmp_path):
     assert make_args(tmp_path, ddp_find_unused_parameters=True).ddp_find_unused_parameters is True
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(max_steps=0), "max_steps must be a positive .* or -1 .* got 0"),  # transformers would train 1 step
+    (dict(max_steps=-5), "max_steps must be a positive .* got -5"),  # transformers would train by epochs
+    (dict(learning_rate=-1.0), "learning_rate must be >= 0"),
+    (dict(per_device_train_batch_size=0), "per_device_train_batch_size must be >= 1"),
+])
+def test_arguments_reject_step_counts_learning_rates_and_batch_sizes_that_make_no_run(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **setting)
+    assert make_args(tmp_path, max_steps=-1).max_steps == -1  # -1: train for num_train_epochs
+
+
 def _tiny_tokenizer():
     from transformers import AutoTokenizer
 
@@ -307,6 +319,85 @@ def test_train_api_checks_its_inputs_before_training(tmp_path):
         with pytest.raises(ValueError, match=message):
             train(args, data=tiny_dataset(), tokenizer=tokenizer, **kwargs)
         assert not (tmp_path / "bad").exists()
+
+
+def test_train_refuses_an_output_dir_that_holds_a_run_unless_resuming_or_overwriting(tmp_path, capsys):
+    from sfr.trainer import train
+
+    tokenizer = _tiny_tokenizer()
+    run = tmp_path / "run"
+
+    def again(**settings):
+        args = make_args(run, save_strategy="steps", save_steps=1, save_total_limit=1, phase_a_steps=0, ramp_steps=0,
+                         **settings)
+        return train(args, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
+
+    again(max_steps=2)
+    state = (run / "trainer_state.json").read_text()
+    with pytest.raises(ValueError, match="holds a run .*checkpoint-2.*--resume-from-checkpoint latest.*"
+                                         "--overwrite-output-dir.*another --output-dir"):
+        again(max_steps=1)  # would overwrite the model and rotate checkpoint-2 away
+    assert (run / "checkpoint-2").is_dir() and (run / "trainer_state.json").read_text() == state
+    assert again(max_steps=3, resume_from_checkpoint="latest").global_step == 3
+    result = again(max_steps=1, overwrite_output_dir=True)
+    assert result.global_step == 1 and "--overwrite-output-dir: replacing the run" in capsys.readouterr().err
+
+
+def test_train_rejects_token_ids_beyond_the_model_vocabulary_before_training(tmp_path):
+    from sfr.trainer import train
+
+    tokenizer = _tiny_tokenizer()
+    vocab = len(tokenizer)
+    rows = tiny_dataset().to_list()
+    other_input = Dataset.from_list([{**r, "input_ids": r["input_ids"][:-1] + [vocab + 3]} for r in rows])
+    other_labels = Dataset.from_list([{**r, "labels": r["labels"][:-1] + [vocab + 5]} for r in rows])
+    for data, message in ((other_input, f"input_ids reach token id {vocab + 3} but the model has {vocab} input"),
+                          (other_labels, f"labels reach token id {vocab + 5} but the model has {vocab} output")):
+        with pytest.raises(ValueError, match=f"{message}.*prepare it again with --model"):
+            train(make_args(tmp_path / "run"), model=tiny_backbone(vocab_size=vocab), data=data, tokenizer=tokenizer)
+        assert not (tmp_path / "run").exists()
+
+
+def test_examples_longer_than_the_model_context_are_truncated_to_it(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    from sfr.trainer import train
+
+    tokenizer = _tiny_tokenizer()
+    # Learned position embeddings: a row longer than n_positions would fail inside the model.
+    config = GPT2Config(n_positions=T - 4, n_embd=D, n_layer=1, n_head=2, vocab_size=len(tokenizer))
+    result = train(make_args(tmp_path / "run", max_steps=2, phase_a_steps=0, ramp_steps=0),
+                   model=AutoModelForCausalLM.from_config(config),
+                   data=tiny_dataset(), tokenizer=tokenizer)
+    assert result.global_step == 2
+    assert f"8 of 8 examples are longer than {T - 4} tokens and are truncated" in capsys.readouterr().err
+
+
+def test_a_failed_run_removes_the_output_dir_it_created_and_left_empty(tmp_path):
+    from sfr.trainer import train
+
+    class Fail(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("stop")
+
+    tokenizer = _tiny_tokenizer()
+    for out, kept in ((tmp_path / "new" / "run", tmp_path), (tmp_path, tmp_path)):
+        with pytest.raises(RuntimeError, match="stop"):
+            train(make_args(out), model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(),
+                  tokenizer=tokenizer, callbacks=[Fail()])
+        assert not (tmp_path / "new").exists() and kept.is_dir()  # an existing directory stays
+
+
+def test_train_checks_the_output_dir_and_the_triton_backend_before_loading_anything(tmp_path, monkeypatch):
+    from sfr.trainer import train
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is an existing file"):
+        train(make_args(tmp_path / "file"), model="no/such-model")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="--loss-backend triton: the Triton kernels need CUDA .*TRITON_INTERPRET=1"):
+        train(make_args(tmp_path / "run", loss_backend="triton"), model="no/such-model")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_head_of_another_dimension_fails_before_training(tmp_path):
@@ -377,9 +468,13 @@ def test_activation_checkpointing_of_the_backbone_changes_no_weight(tmp_path):
     (3, dict(phase_a_steps=1, ramp_steps=4), "ends at step 3 with lambda = 0.5"),
 ])
 def test_a_run_that_ends_before_lambda_max_warns(tmp_path, steps, phases, message):
+    import sfr.trainer
+
     trainer = make_trainer(make_args(tmp_path, objective="sfr", max_steps=steps, **phases))
-    with pytest.warns(UserWarning, match=message):
+    with pytest.warns(UserWarning, match=message) as record:
         trainer.train()
+    # attributed to sfr's callback, not to transformers' callback handler that calls it
+    assert [w.filename for w in record if "sfr train:" in str(w.message)] == [sfr.trainer.__file__]
 
 
 def test_a_run_that_reaches_lambda_max_or_has_no_head_does_not_warn(tmp_path):
