@@ -330,7 +330,8 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         raise ValueError(f"out {out} exists and is not an sfr targets directory (no {METADATA_FILE}); "
                          f"refusing to overwrite it; choose another --out")
 
-    sentence_encoder = load_encoder(settings["encoder"], device=device)
+    with _library_progress(progress):
+        sentence_encoder = load_encoder(settings["encoder"], device=device)
     embed_dim = embedding_dimension(sentence_encoder)
     if existing is not None and existing.get("embed_dim") not in (None, embed_dim) and not overwrite:
         raise ValueError(
@@ -533,18 +534,22 @@ def _load_cache(out: Path, metadata: dict):
 
 
 @contextlib.contextmanager
-def _datasets_progress(enabled: bool):
-    """Silence ``datasets``' own progress bars while ``enabled`` is False, then restore them."""
+def _library_progress(enabled: bool):
+    """Silence the progress bars of ``datasets`` (saving) and ``transformers`` (loading weights) while
+    ``enabled`` is False, then restore them."""
     from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as transformers_logging
 
-    was_enabled = datasets_logging.is_progress_bar_enabled()
+    libraries = [lib for lib in (datasets_logging, transformers_logging) if lib.is_progress_bar_enabled()]
     if not enabled:
-        datasets_logging.disable_progress_bar()
+        for lib in libraries:
+            lib.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled and not enabled:
-            datasets_logging.enable_progress_bar()
+        if not enabled:
+            for lib in libraries:
+                lib.enable_progress_bar()
 
 
 def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool = True):
@@ -564,7 +569,7 @@ def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = _work_dir(out, "tmp"), _work_dir(out, "old")
     try:
-        with _datasets_progress(progress):
+        with _library_progress(progress):
             dataset.save_to_disk(str(tmp))
         # The metadata is written last: a directory without it never counts as a cache.
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))

@@ -571,3 +571,18 @@ def test_gpu_encoder_runs_in_fp16_and_matches_the_cpu(encoder):
     np.testing.assert_allclose(np.linalg.norm(on_gpu, axis=1), 1.0, atol=1e-5)  # re-normalised in float32
     cosine = (on_gpu * targets.encode_texts(encoder, texts, progress=False)).sum(axis=1)
     assert cosine.min() > 0.999
+
+
+def test_no_progress_silences_the_libraries_bars_and_restores_them():
+    from datasets.utils import logging as datasets_logging
+    from transformers.utils import logging as transformers_logging
+
+    from sfr.targets import _library_progress
+
+    libraries = (datasets_logging, transformers_logging)
+    assert all(lib.is_progress_bar_enabled() for lib in libraries)
+    with _library_progress(False):
+        assert not any(lib.is_progress_bar_enabled() for lib in libraries)  # e.g. "Loading weights" of the encoder
+    assert all(lib.is_progress_bar_enabled() for lib in libraries)
+    with _library_progress(True):
+        assert all(lib.is_progress_bar_enabled() for lib in libraries)
