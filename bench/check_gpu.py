@@ -44,6 +44,7 @@ import glob
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -191,40 +192,50 @@ def check_accuracy(torch, rows: list[Row], subset: bool = False) -> None:
         dtypes = dtypes[:2]
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
-        for case, (n, m, d, e, width, features, depth, extra) in cases.items():
-            kwargs = dict(num_samples=m, seed=1234, **extra(n, m, e))
-            rows_in_hidden = 2 * n if "anchor_index" in kwargs else n
-            hidden32 = torch.randn(rows_in_hidden, d, device=DEVICE)
-            target = torch.nn.functional.normalize(torch.randn(n, e, device=DEVICE), dim=-1)
-            if dtype == torch.float32:
-                head32 = make_head(torch, d, e, width, depth, features)
-                ref32 = loss_and_grads(torch, "torch", hidden32, target, head32, **kwargs)
-                ours = loss_and_grads(torch, "triton", hidden32, target, head32, **kwargs)
-                lowp = None
-            else:  # .to(dtype) rounds the time_frequencies buffer too
-                head, hidden = make_head(torch, d, e, width, depth, features).to(dtype), hidden32.to(dtype)
-                # The same rounded weights, buffers and hidden states in float32: only arithmetic error counts.
-                ref32 = loss_and_grads(torch, "torch", hidden.float(), target, copy.deepcopy(head).float(), **kwargs)
-                ours = loss_and_grads(torch, "triton", hidden, target, head, **kwargs)
-                lowp = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
-            worst_ok, worst_ratio, worst_name = True, 0.0, ""
-            for key in ["loss", *ref32[1]]:
-                ref = ref32[0] if key == "loss" else ref32[1][key]
-                got = ours[0] if key == "loss" else ours[1][key]
-                err = _max_err(got, ref)
-                if lowp is None:
-                    tol = TOLERANCES["float32"]
-                    limit = tol["rel"] * _max_abs(ref) + tol["floor"]
-                else:
-                    tol = TOLERANCES[name]
-                    base = _max_err(lowp[0] if key == "loss" else lowp[1][key], ref)
-                    limit = tol["factor"] * base + tol["rel"] * _max_abs(ref)
-                ratio = err / limit if limit > 0 else (0.0 if err == 0 else float("inf"))
-                if ratio > worst_ratio:
-                    worst_ratio, worst_name = ratio, key
-                worst_ok &= err <= limit
-            rows.append(Row("accuracy", f"{name}: {case}", f"worst err/limit ({worst_name})",
-                            f"{worst_ratio:.3f}", "<= 1", worst_ok))
+        for case, spec in cases.items():
+            try:
+                rows.append(_accuracy_row(torch, name, dtype, case, spec))
+            except Exception as exc:  # one failing case must not hide the other cases and dtypes
+                rows.append(Row("accuracy", f"{name}: {case}", "exception", f"{type(exc).__name__}: "
+                                f"{str(exc)[:100]}".replace("|", "/"), "none", False))
+
+
+def _accuracy_row(torch, name, dtype, case, spec) -> Row:
+    """One accuracy case: the worst error/limit ratio over the loss and every gradient."""
+    n, m, d, e, width, features, depth, extra = spec
+    kwargs = dict(num_samples=m, seed=1234, **extra(n, m, e))
+    rows_in_hidden = 2 * n if "anchor_index" in kwargs else n
+    hidden32 = torch.randn(rows_in_hidden, d, device=DEVICE)
+    target = torch.nn.functional.normalize(torch.randn(n, e, device=DEVICE), dim=-1)
+    if dtype == torch.float32:
+        head32 = make_head(torch, d, e, width, depth, features)
+        ref32 = loss_and_grads(torch, "torch", hidden32, target, head32, **kwargs)
+        ours = loss_and_grads(torch, "triton", hidden32, target, head32, **kwargs)
+        lowp = None
+    else:  # .to(dtype) rounds the time_frequencies buffer too
+        head, hidden = make_head(torch, d, e, width, depth, features).to(dtype), hidden32.to(dtype)
+        # The same rounded weights, buffers and hidden states in float32: only arithmetic error counts.
+        ref32 = loss_and_grads(torch, "torch", hidden.float(), target, copy.deepcopy(head).float(), **kwargs)
+        ours = loss_and_grads(torch, "triton", hidden, target, head, **kwargs)
+        lowp = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
+    worst_ok, worst_ratio, worst_name = True, 0.0, ""
+    for key in ["loss", *ref32[1]]:
+        ref = ref32[0] if key == "loss" else ref32[1][key]
+        got = ours[0] if key == "loss" else ours[1][key]
+        err = _max_err(got, ref)
+        if lowp is None:
+            tol = TOLERANCES["float32"]
+            limit = tol["rel"] * _max_abs(ref) + tol["floor"]
+        else:
+            tol = TOLERANCES[name]
+            base = _max_err(lowp[0] if key == "loss" else lowp[1][key], ref)
+            limit = tol["factor"] * base + tol["rel"] * _max_abs(ref)
+        ratio = err / limit if limit > 0 else (0.0 if err == 0 else float("inf"))
+        if ratio > worst_ratio:
+            worst_ratio, worst_name = ratio, key
+        worst_ok &= err <= limit
+    return Row("accuracy", f"{name}: {case}", f"worst err/limit ({worst_name})",
+               f"{worst_ratio:.3f}", "<= 1", worst_ok)
 
 
 def check_determinism(torch, rows: list[Row]) -> None:
@@ -409,11 +420,17 @@ def run_memcheck(rows: list[Row], timeout: int) -> None:
            "--sanitizer"]
     start = time.time()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # Its own session: on a timeout the whole group goes (the Python child of compute-sanitizer
+        # included, which would otherwise keep the GPU busy).
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         rows.append(Row("memcheck", "--sanitizer subset", "result", f"timeout after {timeout}s", "finished", False))
         return
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    lines = (stdout + stderr).strip().splitlines()
     summary = next((line for line in reversed(lines) if "ERROR SUMMARY" in line), f"exit {proc.returncode}")
     if proc.returncode != 0:  # show what went wrong: the reply of a device call carries only the output
         print("\n".join(["compute-sanitizer output (last 40 lines):", *lines[-40:]]), flush=True)

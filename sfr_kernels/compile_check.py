@@ -68,7 +68,7 @@ def _variants(dtype: str, quick: bool):
                    configs.weight_grad_t if features else configs.weight_grad_x)
     for explicit in (False,) if quick else (False, True):
         sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": "*fp32", "z_ptr": w, "wo_ptr": w,
-               "bo_ptr": w, "coef_ptr": "*fp32", "grad_v_ptr": w, "row_sq_ptr": "*fp32", "R": "i32", "M": "i32",
+               "bo_ptr": w, "coef_ptr": "*fp32", "grad_v_ptr": _PTR[str(fused_loss._gradient_dtype(getattr(torch, dtype)))[6:]], "row_sq_ptr": "*fp32", "R": "i32", "M": "i32",
                "E": "i32", "HD": "i32", "stride_target": "i32", "source_std": "fp32"}
         const = {"EXPLICIT_NOISE": explicit, "WRITE_GRAD": True, "DOT_PRECISION": precision}
         yield f"noise={explicit}", flow_output_loss_kernel, sig, const, configs.output_loss
@@ -77,12 +77,26 @@ def _variants(dtype: str, quick: bool):
     yield "", scatter_rows_kernel, sig, {}, configs.scatter
 
 
-def _ptxas_report(ptx: str, arch: str) -> tuple[int, int]:
-    """(registers, spill bytes) from ``ptxas -v`` (the newest ptxas Triton bundles)."""
+def _ptxas_candidates(capability: int) -> list[str]:
+    """The ptxas that Triton itself uses for ``capability`` first (its register counts are the real
+    ones: Triton 3.6 and 3.9 pick different bundled ptxas versions for sm_90), then the bundled others."""
     import triton
 
+    candidates = []
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        candidates.append(get_ptxas(capability).path)
+    except Exception:  # an older or newer Triton without it: fall back to the bundled binaries
+        pass
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    candidates = [os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas")]
+    return candidates + [os.path.join(bin_dir, name) for name in ("ptxas", "ptxas-blackwell")]
+
+
+def _ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v`` for ``sm_{capability}a``."""
+    arch = f"sm_{capability}a"
+    candidates = _ptxas_candidates(capability)
     for ptxas in candidates:
         if not os.path.exists(ptxas):
             continue
@@ -116,7 +130,7 @@ def compile_all(dtypes=("float32", "bfloat16", "float16"), capability: int = 90,
             signature = dict(signature, **{name: "constexpr" for name in constexprs})
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-            regs, spills = _ptxas_report(compiled.asm["ptx"], f"sm_{capability}a")
+            regs, spills = _ptxas_report(compiled.asm["ptx"], capability)
             results.append(CompileResult(kernel.__name__, f"{dtype} {variant}".strip(), regs, spills,
                                          int(compiled.metadata.shared)))
     return results

@@ -165,7 +165,7 @@ def launch_configs(width: int, embed: int, features: int, hidden_size: int,
     the seeded kernels do not spill registers for bf16/fp16/fp32 (the explicit-noise output kernel
     may spill a few dozen bytes) -- the in-register Philox draws are register-hungry, so the tiles
     that generate them stay at <= 8-16 draws per thread (8 warps). float32 heads (``tl.dot`` without
-    tensor cores unless TF32 is allowed) need half the rows per step in the x_s weight gradient.
+    tensor cores unless TF32 is allowed) need half the rows per step in both input weight gradients.
     ``tl.dot`` needs every dimension >= 16, hence the lower bounds. Performance of these tiles has
     not been measured yet (no GPU so far): ``bench.loss`` is the judge.
     """
@@ -186,7 +186,8 @@ def launch_configs(width: int, embed: int, features: int, hidden_size: int,
         output_loss=dict(BLOCK_R=32, BLOCK_E=64, BLOCK_K=32, num_warps=8, num_stages=3),
         weight_grad_x=dict(BLOCK_R=16 if dtype == torch.float32 else 32, BLOCK_H=64, BLOCK_C=64, num_warps=8,
                            num_stages=3),
-        weight_grad_t=dict(BLOCK_R=32, BLOCK_H=64, BLOCK_C=_pow2(features, 16, 64), num_warps=8, num_stages=3),
+        weight_grad_t=dict(BLOCK_R=16 if dtype == torch.float32 else 32, BLOCK_H=64, BLOCK_C=_pow2(features, 16, 64),
+                           num_warps=8, num_stages=3),
         scatter=dict(BLOCK_D=256, num_warps=4),
         max_splits=16)
 
@@ -198,7 +199,33 @@ def _dot_precision(dtype: torch.dtype) -> str:
     """
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if _fp32_matmul_uses_tf32() else "ieee"
+
+
+def _fp32_matmul_uses_tf32() -> bool:
+    """Whether torch's float32 CUDA matmuls use TF32, under either of torch's precision APIs.
+
+    torch >= 2.9 raises on reading ``matmul.allow_tf32`` once the new API
+    (``torch.backends.fp32_precision = "tf32"``, which transformers' ``--tf32`` sets) has been used;
+    ``matmul.fp32_precision`` reflects both APIs and never raises ("none" = the global setting).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: only the legacy flag exists
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradients formed in the forward (``g_v``, ``dW_o``, ``db_o``) for a head of ``dtype``.
+
+    They are formed before the incoming gradient ``g`` (e.g. fp16 loss scaling's 2**16) is known:
+    ``g_v = 2 coef (v - u)`` with ``coef ~ 1 / (M E N)`` (~1e-8) lies below float16's normal range
+    (6e-5), so float16 heads keep them in float32. bfloat16 has float32's range: it keeps its dtype.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _no_autocast(device: torch.device):
@@ -262,7 +289,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
     time_mode = _time_mode(time, time_sampling)
 
     zs = _new_buffer((depth, rows, width), dtype, device)
-    grad_v = _new_buffer((rows, embed) if compute_grads else (0,), dtype, device)
+    grad_v = _new_buffer((rows, embed) if compute_grads else (0,), _gradient_dtype(dtype), device)
     row_sq = _new_buffer((rows,), torch.float32, device)
     coef = _row_coefficients(n, m, embed, weight, reduction, device)
     if rows > 0:
@@ -287,7 +314,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
     if not compute_grads:
         return loss, zs, grad_v, out_weight.new_empty((0,)), out_bias.new_empty((0,))
     # Gradient-in-forward for the output layer: backward then needs neither v nor u.
-    d_out_weight = grad_v.t() @ F.silu(zs[depth - 1])
+    d_out_weight = grad_v.t() @ F.silu(zs[depth - 1]).to(grad_v.dtype)
     d_out_bias = grad_v.sum(dim=0)
     return loss, zs, grad_v, d_out_weight, d_out_bias
 
@@ -345,7 +372,10 @@ def _fused_backward(grad_loss, hidden, target, anchor_index, seed, noise, time, 
 
     d_out_w = (d_out_weight.to(torch.float32) * g).to(dtype)
     d_out_b = (d_out_bias.to(torch.float32) * g).to(dtype)
-    da = (grad_v * g.to(dtype)) @ out_weight  # dL/da_L [R, Hd]
+    if grad_v.dtype == dtype:  # fold g into W_o in float32: no [R, E] temporary, and g itself is not rounded
+        da = grad_v @ (out_weight.to(torch.float32) * g).to(dtype)  # dL/da_L [R, Hd]
+    else:  # float16 head, float32 g_v: scaled by g (e.g. the loss scale) before it is rounded to float16
+        da = (grad_v * g).to(dtype) @ out_weight
     d_hidden_w, d_hidden_b = [None] * (depth - 1), [None] * (depth - 1)
     for k in range(depth - 1, 0, -1):
         dz = torch.ops.aten.silu_backward(da, zs[k])
@@ -365,7 +395,7 @@ def _fused_backward(grad_loss, hidden, target, anchor_index, seed, noise, time, 
                                         source_std, time_mode, time_mean, time_std, features, True, configs,
                                         precision)
     else:
-        d_in_x, d_in_t = torch.zeros_like(in_x_weight), torch.zeros_like(in_t_weight)
+        d_in_x, d_in_t = in_x_weight.new_zeros(in_x_weight.shape), in_t_weight.new_zeros(in_t_weight.shape)
 
     dc = dz1.view(n, num_samples, width).sum(dim=1)  # the M rows of an anchor are contiguous
     d_cond_b = dc.sum(dim=0)
@@ -374,7 +404,7 @@ def _fused_backward(grad_loss, hidden, target, anchor_index, seed, noise, time, 
     if need_hidden_grad:
         dh = dc @ cond_weight  # [N, D]; dc already carries grad_loss
         if anchor_index is None:
-            d_hidden = (dh.to(torch.float32) * float(grad_scale)).to(hidden.dtype)
+            d_hidden = (dh.to(torch.float32) * float(grad_scale)).to(hidden.dtype).reshape(hidden.shape)
         else:
             scale = torch.full((), float(grad_scale), dtype=torch.float32, device=device)  # fill: no copy
             with _device_guard(device):
@@ -421,8 +451,9 @@ def _fused_sfr_loss_fake(hidden, target, anchor_index, seed, noise, time, weight
                 hidden.new_empty((0,), dtype=dtype), out_weight.new_empty((0,)), out_bias.new_empty((0,)))
     return (hidden.new_empty((), dtype=torch.float32),
             hidden.new_empty((len(hidden_weights) + 1, rows, width), dtype=dtype),
-            hidden.new_empty((rows, embed), dtype=dtype),
-            torch.empty_like(out_weight), torch.empty_like(out_bias))
+            hidden.new_empty((rows, embed), dtype=_gradient_dtype(dtype)),
+            out_weight.new_empty(out_weight.shape, dtype=_gradient_dtype(dtype)),
+            out_bias.new_empty(out_bias.shape, dtype=_gradient_dtype(dtype)))
 
 
 @torch.library.custom_op("sfr_kernels::fused_sfr_loss_backward", mutates_args=())
@@ -447,13 +478,15 @@ def _fused_sfr_loss_backward_fake(grad_loss, hidden, target, anchor_index, seed,
                                   d_out_weight, d_out_bias, cond_weight, in_x_weight, in_t_weight, out_weight,
                                   time_frequencies, hidden_weights, num_samples, source_std, time_sampling,
                                   time_mean, time_std, grad_scale, need_hidden_grad):
-    d_hidden = torch.empty_like(hidden) if need_hidden_grad else hidden.new_empty((0,))
+    # new_empty(shape), not empty_like: the real outputs are contiguous whatever the inputs' strides
+    # (a transposed hidden included), and Inductor checks the strides the fake promises.
+    d_hidden = hidden.new_empty(hidden.shape) if need_hidden_grad else hidden.new_empty((0,))
     width = cond_weight.shape[0]
-    return [d_hidden, torch.empty_like(cond_weight), cond_weight.new_empty((width,)),
-            torch.empty_like(in_x_weight), torch.empty_like(in_t_weight),
-            *[torch.empty_like(w) for w in hidden_weights],
+    return [d_hidden, cond_weight.new_empty(cond_weight.shape), cond_weight.new_empty((width,)),
+            in_x_weight.new_empty(in_x_weight.shape), in_t_weight.new_empty(in_t_weight.shape),
+            *[w.new_empty(w.shape) for w in hidden_weights],
             *[cond_weight.new_empty((width,)) for _ in hidden_weights],
-            torch.empty_like(out_weight), torch.empty_like(d_out_bias)]
+            out_weight.new_empty(out_weight.shape), out_weight.new_empty(d_out_bias.shape)]
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,6 +13,7 @@ differs from tl.randn by <= 1e-6, and the time features, up to 1000 rad per unit
 Every run poisons the kernels' output buffers with NaN first (``SFR_KERNELS_DEBUG=1``), so an
 element a kernel forgets to write shows up as a NaN mismatch.
 """
+import copy
 import os
 
 import pytest
@@ -406,3 +407,73 @@ def test_library_op_registration_is_consistent():
                      [w.weight for w in layers], m, 1.0, "uniform", 0.0, 1.0, 0.5, True)
     torch.library.opcheck(fused_loss.fused_sfr_loss_backward_op, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_tf32_is_read_under_torch_new_precision_api():
+    """transformers' --tf32 sets torch.backends.fp32_precision (torch >= 2.9), after which reading the
+    legacy matmul.allow_tf32 raises: the fused path must still run, and follow the setting."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy TF32 flag")
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    n, d, e = 8, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert fused_loss._dot_precision(torch.float32) == "tf32"
+        assert fused_loss._dot_precision(torch.bfloat16) == "tf32"
+        loss = sfr_loss(torch.randn(n, d), torch.randn(n, e), head, num_samples=2, seed=1, backend="triton")
+        assert torch.isfinite(loss)
+        torch.backends.fp32_precision = "ieee"
+        assert fused_loss._dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved
+    assert fused_loss._dot_precision(torch.float32) == ("tf32" if matmul.allow_tf32 else "ieee")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_kernels_promise_the_real_shapes_dtypes_and_strides(dtype):
+    """Inductor trusts the fake kernels' strides: with a transposed (non-contiguous) hidden the real ops
+    return contiguous gradients, and so must the fakes. float16 heads keep g_v, dW_o, db_o in float32.
+    (float16 runs in the interpreter; bfloat16 does not: DESIGN.md section 5.)"""
+    n, m, d, e = 6, 2, 12, 10
+    head = make_head(d, e, width=16, time_features=8).to(dtype)
+    hidden = torch.randn(d, n).to(dtype).t()  # [n, d], strides (1, n)
+    layers = list(head.hidden_layers)
+    common = (head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
+              [w.weight for w in layers], [w.bias for w in layers], head.out.weight, head.out.bias)
+    forward_args = (hidden, torch.randn(n, e), None, torch.tensor(3), None, None, None, *common,
+                    m, 1.0, "uniform", 0.0, 1.0, "mean", 1.0, True, True)
+    real = fused_loss.fused_sfr_loss_op(*forward_args)
+    fake = fused_loss._fused_sfr_loss_fake(*forward_args)
+    _, zs, grad_v, d_out_w, d_out_b = real
+    assert grad_v.dtype == d_out_w.dtype == d_out_b.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    backward_args = (torch.tensor(1.0), hidden, forward_args[1], None, torch.tensor(3), None, None, zs, grad_v,
+                     d_out_w, d_out_b, head.cond.weight, head.in_x.weight, head.in_t.weight, head.out.weight,
+                     head.time_frequencies, [w.weight for w in layers], m, 1.0, "uniform", 0.0, 1.0, 1.0, True)
+    real_backward = fused_loss.fused_sfr_loss_backward_op(*backward_args)
+    fake_backward = fused_loss._fused_sfr_loss_backward_fake(*backward_args)
+    for got, promised in zip([*real, *real_backward], [*fake, *fake_backward]):
+        assert (got.shape, got.dtype, got.stride()) == (promised.shape, promised.dtype, promised.stride())
+    assert real_backward[0].shape == hidden.shape and real_backward[0].is_contiguous()
+
+
+def test_float16_head_under_a_loss_scale_is_as_accurate_as_the_float16_reference():
+    """dL/dv = 2 coef (v - u) with coef = 1 / (M E N) lies in float16's subnormal range for N = 2048
+    anchors: the fused path forms it in the forward, before the loss scale is known, so a float16 head
+    keeps it in float32; the scale (2**16, beyond float16's 65504) is applied in float32 too."""
+    n, m, d, e = 2048, 2, 16, 32
+    torch.manual_seed(0)
+    head32 = make_head(d, e, width=32, time_features=8)
+    hidden, target = torch.randn(n, d), torch.nn.functional.normalize(torch.randn(n, e), dim=-1)
+    head16 = copy.deepcopy(head32).half()
+    exact_head = copy.deepcopy(head16).float()  # the same rounded weights: only arithmetic error counts
+    kwargs = dict(num_samples=m, seed=5, loss_scale=2.0 ** 16)
+    _, exact = run("torch", hidden.half().float(), target, exact_head, **kwargs)
+    _, ours = run("triton", hidden.half(), target, head16, **kwargs)
+    _, theirs = run("torch", hidden.half(), target, copy.deepcopy(head16), **kwargs)
+    for name, ref in exact.items():
+        ours_err = (ours[name].float() - ref).abs().max()
+        theirs_err = (theirs[name].float() - ref).abs().max()
+        assert torch.isfinite(ours[name]).all(), name
+        assert ours_err <= 2 * theirs_err + 1e-3 * ref.abs().max(), (name, float(ours_err), float(theirs_err))

@@ -47,7 +47,8 @@ def test_matches_triton_bit_exact(seed):
     for ours, theirs in zip(philox.randint4x(seed, offsets), words):
         assert torch.equal(ours, theirs)
     assert torch.equal(philox.rand(seed, offsets), uniform)
-    assert torch.allclose(philox.randn(seed, offsets), normal, rtol=0, atol=1e-6)
+    # rtol: on a GPU tl.randn takes an approximate sqrt (a few ulp, ~5e-7 at |z| ~ 5.7 in the tails)
+    assert torch.allclose(philox.randn(seed, offsets), normal, rtol=1e-6, atol=1e-6)
 
 
 def test_tensor_seed_equals_int_seed():
@@ -74,4 +75,5 @@ def test_cuda_matches_cpu():
     for seed in (0, 2**40 + 7):
         for fn in (philox.randint, philox.rand):
             assert torch.equal(fn(seed, offsets.cuda()).cpu(), fn(seed, offsets))
-        assert torch.allclose(philox.randn(seed, offsets.cuda()).cpu(), philox.randn(seed, offsets), atol=1e-6)
+        assert torch.allclose(philox.randn(seed, offsets.cuda()).cpu(), philox.randn(seed, offsets), rtol=1e-6,
+                              atol=1e-6)

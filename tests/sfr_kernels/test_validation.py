@@ -120,3 +120,19 @@ def test_triton_backend_without_cuda_or_interpreter(monkeypatch):
 def test_good_arguments_pass():
     assert torch.isfinite(call(good()))
     assert torch.isfinite(call(with_index()))
+
+
+def test_compile_fullgraph_with_a_cpu_anchor_index():
+    """The CPU-only range check of anchor_index reads values: skipped while compiling (no graph break)."""
+    from sfr import FlowHead
+    from sfr_kernels import sfr_loss
+
+    torch._dynamo.reset()
+    head = FlowHead(8, 6, width=16, depth=2, time_features=8)
+    hidden, target, index = torch.randn(10, 8), torch.randn(4, 6), torch.tensor([0, 3, 3, 9])
+
+    def loss(h, y, i):
+        return sfr_loss(h, y, head, anchor_index=i, num_samples=2, seed=1, backend="torch")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(hidden, target, index), loss(hidden, target, index), rtol=1e-6, atol=1e-7)
