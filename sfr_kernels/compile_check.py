@@ -57,6 +57,9 @@ def _variants(dtype: str, quick: bool):
         const = {"TIME_MODE": time_mode, "EXPLICIT_NOISE": explicit, "DOT_PRECISION": precision}
         yield (f"time_mode={time_mode} noise={explicit}", flow_input_forward_kernel, sig, const,
                configs.input_forward)
+        if dtype != "float32" and time_mode == 1:  # a float32 head under autocast: float32 frequencies
+            yield (f"time_mode={time_mode} noise={explicit} autocast", flow_input_forward_kernel,
+                   dict(sig, freq_ptr="*fp32"), const, configs.input_forward)
         for features in (False, True):
             sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": "*fp32",
                    "freq_ptr": w, "dz_ptr": w, "partial_ptr": "*fp32", "R": "i32", "M": "i32", "E": "i32",

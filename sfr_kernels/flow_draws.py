@@ -67,6 +67,17 @@ def flow_point(seed, noise_ptr, target_ptr, stride_target, s, rows, anchors, col
 
 
 @triton.jit
+def time_for_features(s, w_dtype: tl.constexpr, freq_ptr):
+    """The time as the head sees it when it evaluates its features: ``s`` rounded to the head's dtype
+    ``w_dtype``, then float32 -- except with float32 frequencies and 16-bit weights, which is a float32
+    head under autocast (the launcher casts its weights): there ``s`` stays float32, as in the reference.
+    """
+    if freq_ptr.dtype.element_ty == tl.float32:
+        return s
+    return s.to(w_dtype).to(tl.float32)
+
+
+@triton.jit
 def time_features(s_feat, freq_ptr, cols, row_mask, F):
     """``e_s`` for a [BLOCK_R, BLOCK_C] tile of feature columns ``cols`` (< F), float32, 0 where masked.
 

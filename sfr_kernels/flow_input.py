@@ -22,7 +22,7 @@ dtype exactly where the reference rounds (the head's input ``x_s``, ``s`` and ``
 import triton
 import triton.language as tl
 
-from sfr_kernels.flow_draws import flow_point, flow_time, time_features
+from sfr_kernels.flow_draws import flow_point, flow_time, time_features, time_for_features
 
 
 @triton.jit
@@ -54,8 +54,9 @@ def flow_input_forward_kernel(
                     mask=e_mask[:, None] & h_mask[None, :], other=0.0)  # W_x^T tile [BLOCK_E, BLOCK_H]
         acc = tl.dot(x_s.to(w_dtype), w, acc, input_precision=DOT_PRECISION)
 
-    # W_t e_s: the head evaluates the features of s rounded to its own dtype.
-    s_feat = s.to(w_dtype).to(tl.float32)
+    # W_t e_s: the head evaluates the features of s rounded to its dtype; float32 frequencies with
+    # 16-bit weights are a float32 head under autocast, where s stays float32.
+    s_feat = time_for_features(s, w_dtype, freq_ptr)
     for f0 in range(0, F, BLOCK_F):
         cols_f = f0 + tl.arange(0, BLOCK_F).to(tl.int64)
         f_mask = cols_f < F
@@ -103,7 +104,7 @@ def flow_input_weight_grad_kernel(
         row_mask = rows < row_end
         s = flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)
         if TIME_FEATURES:
-            feats = time_features(s.to(dz_dtype).to(tl.float32), freq_ptr, cols_c, row_mask, F)
+            feats = time_features(time_for_features(s, dz_dtype, freq_ptr), freq_ptr, cols_c, row_mask, F)
         else:
             feats = flow_point(seed, noise_ptr, target_ptr, stride_target, s, rows, rows // M, cols_c,
                                row_mask[:, None] & c_mask[None, :], E, source_std, EXPLICIT_NOISE)

@@ -127,6 +127,9 @@ def unsupported_head_reason(head: nn.Module) -> str | None:
         return f"head parameter dtypes {sorted(map(str, dtypes))} are not one of float32/bfloat16/float16"
     if freq.device != params[0].device:
         return "head.time_frequencies is on another device than the parameters"
+    if params[0].dtype != torch.float32 and freq.dtype == torch.float32:
+        # The kernels read float32 frequencies with 16-bit weights as autocast (s not rounded).
+        return "a 16-bit head with float32 time_frequencies (head.to(dtype) rounds them)"
     for module in head.modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return "head has forward hooks (e.g. FSDP or adapters), which the kernels would bypass"
@@ -229,10 +232,25 @@ def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _no_autocast(device: torch.device):
-    """The op computes in the head's parameter dtype: the cuBLAS calls inside it must not be autocast
-    (their outputs feed kernels and buffers typed by the head's dtype). Under autocast the fused
-    path is therefore at least as precise as the autocast reference, not bit-comparable to it."""
+    """The op computes in the dtype of the weights it is given: the cuBLAS calls inside it must not be
+    autocast (their outputs feed kernels and buffers typed by that dtype). Autocast itself is applied
+    outside the op, by :func:`_weights_for_autocast`."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _weights_for_autocast(weights: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``weights`` as an autocast region would use them: in its dtype (16-bit tensor-core matmuls)
+    where they are float32, else unchanged.
+
+    This is what the reference's ``nn.Linear`` layers do under autocast, so e.g. a float32 head trained
+    with ``--bf16`` runs the bfloat16 kernels instead of float32 ones. The casts are differentiable:
+    the float32 parameters get float32 gradients. (Time frequencies are not matmul weights: they stay
+    float32, as in the reference.)
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return weights
+    dtype = torch.get_autocast_dtype(device.type)
+    return [w.to(dtype) if w.dtype == torch.float32 else w for w in weights]
 
 
 def _device_guard(device: torch.device):
@@ -563,10 +581,13 @@ def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, s
         hidden = hidden.detach()
     compute_grads = need_hidden_grad or (torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()))
     layers = list(head.hidden_layers)
+    cond_w, cond_b, in_x_w, in_t_w, out_w, out_b, *hidden_params = _weights_for_autocast(
+        [head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.out.weight, head.out.bias,
+         *[layer.weight for layer in layers], *[layer.bias for layer in layers]], hidden.device)
     loss, *_ = fused_sfr_loss_op(
         hidden, target, anchor_index, _seed_tensor(seed, hidden.device), noise, time, weight,
-        head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
-        [layer.weight for layer in layers], [layer.bias for layer in layers], head.out.weight, head.out.bias,
+        cond_w, cond_b, in_x_w, in_t_w, head.time_frequencies,
+        hidden_params[:len(layers)], hidden_params[len(layers):], out_w, out_b,
         int(num_samples), float(source_std), str(time_sampling), float(time_mean), float(time_std),
         str(reduction), float(grad_scale), bool(need_hidden_grad), bool(compute_grads))
     return loss
