@@ -12,7 +12,9 @@ Checks, each printed as a table row and written to the markdown summary:
 1. **accuracy** -- loss and every gradient (hidden, every head parameter) of the Triton path against
    the reference for float32, bfloat16 and float16 heads, on a realistic shape and odd ones (N=1,
    N=37, non-power-of-two D/E/width, M in {1, 3, 4}, anchor_index with duplicates, explicit
-   noise/time, weights, both reductions, every time sampling). Tolerances (``TOLERANCES``):
+   noise/time, weights, both reductions, every time sampling, N=8192 under a 2**16 loss scale).
+   **autocast** -- a float32 head under bf16/fp16 autocast against the float32 reference, with the
+   bf16/fp16 rule below (the autocast reference in place of torch_lowp). Tolerances (``TOLERANCES``):
 
    ========  ==========================================================================
    float32   ``max|triton - ref32| <= 1e-4 * max|ref32| + 1e-6`` (TF32 disabled in torch)
@@ -63,7 +65,7 @@ TOLERANCES = {
 }
 
 
-CHECKS = ("accuracy", "determinism", "no-host-sync", "cuda-graph", "compile", "large-offsets", "memcheck")
+CHECKS = ("accuracy", "autocast", "determinism", "no-host-sync", "cuda-graph", "compile", "large-offsets", "memcheck")
 
 
 @dataclass
@@ -130,7 +132,8 @@ def make_head(torch, d, e, width, depth, features, seed=0):
     return head.to(DEVICE)
 
 
-def loss_and_grads(torch, backend, hidden, target, head, **kwargs):
+def loss_and_grads(torch, backend, hidden, target, head, loss_scale=1.0, **kwargs):
+    """Loss and gradients of ``loss * loss_scale`` (divided by ``loss_scale`` again, as a GradScaler does)."""
     from sfr_kernels import sfr_loss, unsupported_head_reason
 
     if backend == "triton" and unsupported_head_reason(head) is not None:  # never compare reference to itself
@@ -139,9 +142,10 @@ def loss_and_grads(torch, backend, hidden, target, head, **kwargs):
     hidden = hidden.detach().clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
     loss = sfr_loss(hidden, target, head, backend=backend, **kwargs)
-    loss.backward()
+    (loss * loss_scale).backward()
     grads = {"hidden": hidden.grad}
     grads.update({name: p.grad for name, p in head.named_parameters()})
+    grads = {k: None if g is None else g.float() / loss_scale for k, g in grads.items()}
     return loss.detach(), grads
 
 
@@ -175,6 +179,9 @@ def accuracy_cases(torch):
                                  grad_scale=0.0)),
         "MTP (std=0, zero time)": (128, 1, 768, 768, 512, 64, 2,
                                    lambda n, m, e: dict(source_std=0.0, time_sampling="zero")),
+        # dL/dv ~ 1/(M E N) is below float16's normal range: the fp16 loss scale must reach it intact.
+        "N=8192 M=4, loss scale 2**16": (8192, 4, 896, 384, 1024, 64, 2,
+                                         lambda n, m, e: dict(loss_scale=2.0 ** 16)),
     }
     if SMOKE:  # same cases, tiny sizes (odd ones stay odd)
         cases = {k: (min(n, 9), m, min(d, 40) + d % 3, min(e, 24) + e % 5, min(w, 24), f, depth, x)
@@ -236,6 +243,35 @@ def _accuracy_row(torch, name, dtype, case, spec) -> Row:
         worst_ok &= err <= limit
     return Row("accuracy", f"{name}: {case}", f"worst err/limit ({worst_name})",
                f"{worst_ratio:.3f}", "<= 1", worst_ok)
+
+
+def check_autocast(torch, rows: list[Row]) -> None:
+    """A float32 head under autocast (as ``sfr train --bf16`` runs it): the fused op casts its weights to
+    the autocast dtype like the reference's Linear layers; both are compared with float32 arithmetic."""
+    n, m, d, e, width = (9, 3, 40, 24, 24) if SMOKE else (1024, 4, 896, 384, 1024)
+    # The interpreter computes bfloat16 wrongly: the CPU self-test checks float16 autocast only.
+    for dtype in (torch.float16,) if SMOKE else (torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        head = make_head(torch, d, e, width, 2, 64)
+        hidden = torch.randn(n, d, device=DEVICE)
+        target = torch.nn.functional.normalize(torch.randn(n, e, device=DEVICE), dim=-1)
+        kwargs = dict(num_samples=m, seed=99, loss_scale=2.0 ** 12)
+        exact = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
+        with torch.autocast(DEVICE, dtype=dtype):
+            ours = loss_and_grads(torch, "triton", hidden, target, head, **kwargs)
+            theirs = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
+        worst_ratio, worst_name, ok = 0.0, "", True
+        for key in ["loss", *exact[1]]:
+            ref = exact[0] if key == "loss" else exact[1][key]
+            err = _max_err(ours[0] if key == "loss" else ours[1][key], ref)
+            base = _max_err(theirs[0] if key == "loss" else theirs[1][key], ref)
+            limit = TOLERANCES[name]["factor"] * base + TOLERANCES[name]["rel"] * _max_abs(ref)
+            ratio = err / limit if limit > 0 else (0.0 if err == 0 else float("inf"))
+            if ratio > worst_ratio:
+                worst_ratio, worst_name = ratio, key
+            ok &= err <= limit
+        rows.append(Row("autocast", f"{name}: float32 head, N={n} M={m}", f"worst err/limit ({worst_name})",
+                        f"{worst_ratio:.3f}", "<= 1", ok))
 
 
 def check_determinism(torch, rows: list[Row]) -> None:
@@ -488,6 +524,7 @@ def main(argv=None) -> int:
         return 1 if bad else 0
 
     steps = {"accuracy": lambda: check_accuracy(torch, rows),
+             "autocast": lambda: check_autocast(torch, rows),
              "determinism": lambda: check_determinism(torch, rows),
              "no-host-sync": lambda: check_no_host_sync(torch, rows),
              "cuda-graph": lambda: check_cuda_graph(torch, rows),
