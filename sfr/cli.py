@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from sfr import __version__
 
@@ -34,13 +35,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sfr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    parser.command_parsers = {}  # name -> its parser, so that errors print the command's own usage
+    # name -> its parser, so that errors print the (sub)command's own usage (see _innermost_parser)
+    parser.command_parsers, parser.command_dest = {}, "command"
     for name, (module_name, help_text) in COMMANDS.items():
         cmd_parser = sub.add_parser(name, help=help_text, description=help_text)
         parser.command_parsers[name] = cmd_parser
         if name == command:  # import only the module of the command being run
             importlib.import_module(module_name).add_arguments(cmd_parser)
     return parser
+
+
+def _innermost_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command being run. A parser with subcommands names them in its
+    ``command_parsers`` and the ``args`` attribute that holds the choice in ``command_dest``."""
+    while getattr(parser, "command_parsers", None):
+        chosen = parser.command_parsers.get(getattr(args, parser.command_dest, None))
+        if chosen is None:
+            break
+        parser = chosen
+    return parser
+
+
+def _one_line_warnings(prefix: str):
+    """A ``warnings.showwarning`` that prints a ``UserWarning`` (what sfr warns with) as one line,
+    ``PREFIX: warning: message``, without the source location a command-line user cannot act on.
+    Other categories (deprecations of libraries, ...) keep Python's format."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is UserWarning:
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if unknown:  # argparse would print the top-level usage; the command's own is the helpful one
-        parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.main(args) or 0)
+        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+            warnings.showwarning = _one_line_warnings(f"sfr {args.command}")
+            return int(module.main(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C is a user's decision, not a crash: no traceback
         print(f"sfr {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -118,6 +118,10 @@ def convert_persona_chat(csv_path) -> list[dict]:
             raise ValueError(f"{path} is not a Synthetic-Persona-Chat CSV: missing columns {missing}, "
                              f"found {reader.fieldnames}")
         for row_index, row in enumerate(reader):
+            short = [c for c in PERSONA_CHAT_COLUMNS if row.get(c) is None]  # csv leaves missing fields None
+            if short:
+                raise ValueError(f"{path}: data row {row_index} (0-based) has no value for {short} "
+                                 f"(a truncated file, or an unclosed quoted field?)")
             personas = {speaker: " ".join(line.strip() for line in row[f"user {speaker} personas"].splitlines()
                                           if line.strip()) for speaker in ("1", "2")}
             turns = _parse_turns(row["Best Generated Conversation"])

@@ -724,21 +724,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for any value, so it does not change the cache")
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` of ``sfr prepare``: one line, no source location."""
-    print(f"sfr prepare: warning: {message}", file=sys.stderr)
-
-
 def main(args) -> int:
     try:
-        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
-            warnings.showwarning = _print_warning
-            result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
-                             segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
-                             min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
-                             segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
-                             split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
-                             num_proc=args.num_proc)
+        result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
+                         segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
+                         min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
+                         segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
+                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
+                         num_proc=args.num_proc)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"sfr prepare: error: {error}", file=sys.stderr)
         return 2

@@ -537,6 +537,8 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:
         _check_previous_run(output_dir, args.overwrite_output_dir)
+    else:
+        _check_steps_left(checkpoint, args.max_steps)
     created = _outermost_missing(output_dir)
     try:
         return _train(args, checkpoint, model, data, tokenizer, callbacks)
@@ -671,6 +673,21 @@ def _check_previous_run(output_dir: Path, overwrite: bool) -> None:
     shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     raise ValueError(f"--output-dir {output_dir} holds a run ({shown}): pass --resume-from-checkpoint latest to "
                      "continue it, --overwrite-output-dir to replace it, or another --output-dir")
+
+
+def _check_steps_left(checkpoint: str, max_steps: int) -> None:
+    """Refuse to resume a checkpoint that already reached ``max_steps`` (the Trainer would run a step
+    past it at learning rate 0 and save it as a new checkpoint)."""
+    state = Path(checkpoint) / "trainer_state.json"
+    if max_steps <= 0 or not state.is_file():
+        return
+    try:
+        step = int(json.loads(state.read_text()).get("global_step", 0))
+    except (ValueError, TypeError):
+        return  # an unreadable state is the Trainer's to report
+    if step >= max_steps:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} is at step {step} >= --max-steps {max_steps}: "
+                         f"nothing left to train (raise --max-steps to continue the run)")
 
 
 def _check_loss_backend(args: SFRTrainingArguments, model) -> None:

@@ -104,6 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default %(default)s)")
     code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory (default %(default)s)")
     parser.set_defaults(eval_parser=parser)
+    parser.command_parsers, parser.command_dest = {"dialogue": dialogue, "code": code}, "eval_command"
 
 
 def main(args) -> int:

@@ -27,6 +27,9 @@ def test_an_unknown_flag_shows_the_commands_own_usage(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "usage: sfr prepare" in err and "unrecognized arguments: --bogus-flag 3" in err
+    with pytest.raises(SystemExit):  # a subcommand of a command: its own usage too
+        main(["eval", "dialogue", "--model", "m", "--bogus"])
+    assert "usage: sfr eval dialogue" in capsys.readouterr().err
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch):
@@ -38,3 +41,20 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch)
     monkeypatch.setattr(sfr.targets, "main", interrupted)
     assert main(["prepare"]) == 130
     assert capsys.readouterr().err.strip() == "sfr prepare: interrupted"
+
+
+def test_a_commands_user_warnings_print_as_one_line(capsys, monkeypatch):
+    import warnings
+
+    import sfr.targets
+
+    def warns(args):
+        warnings.warn("the cache is stale", UserWarning, stacklevel=2)
+        warnings.warn("this option goes away", FutureWarning, stacklevel=2)  # a library's deprecation: Python's format
+        return 0
+
+    monkeypatch.setattr(sfr.targets, "main", warns)
+    assert main(["prepare"]) == 0
+    err = capsys.readouterr().err
+    assert "sfr prepare: warning: the cache is stale\n" in err
+    assert "sfr prepare: warning: this option goes away" not in err  # left to Python's (here pytest's) display

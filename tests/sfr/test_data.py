@@ -260,3 +260,10 @@ def test_load_records_turns_datasets_errors_into_one_line(tmp_path, monkeypatch)
     cut_gzip.write_bytes(gzip.compress((json.dumps(pc) + "\n").encode() * 50)[:40])
     with pytest.raises(ValueError, match=r"cut.jsonl.gz could not be read \(EOFError"):
         load_records(cut_gzip)
+
+
+def test_a_truncated_persona_chat_csv_is_an_error_naming_the_row(tmp_path):
+    path = tmp_path / "short.csv"  # e.g. `head -n 4` cutting a quoted multi-line field
+    path.write_text("user 1 personas,user 2 personas,Best Generated Conversation\nI like cats.\n")
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) has no value for \['user 2 personas'"):
+        convert_persona_chat(path)

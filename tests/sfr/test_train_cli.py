@@ -143,6 +143,11 @@ def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path
                                         return_tensors="pt", return_dict=True)["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
 
+    # a checkpoint that already reached --max-steps: nothing to train, refused before any work
+    assert main(["train", "--output-dir", str(out), "--max-steps", "3", "--resume-from-checkpoint", "latest"]) == 2
+    assert "is at step 3 >= --max-steps 3: nothing left to train" in capsys.readouterr().err
+    assert not (out / "checkpoint-4").exists()
+
     # --resume-from-checkpoint latest continues from checkpoint-3 to step 4
     assert main(["train", "--output-dir", str(out), "--max-steps", "4", "--logging-steps", "1",
                  "--disable-tqdm", "true", "--resume-from-checkpoint", "latest"]) == 0
