@@ -9,7 +9,8 @@ The LM is built from a real model's config with random weights (``transformers``
 ``AutoModelForCausalLM.from_config``; bf16 on CUDA, fp32 on the CPU). Both variants run the very
 code a user trains with, :class:`sfr.model.SFRModel` ``forward`` on the same backbone and batch:
 ``objective="sft"`` (CE only) and ``objective="sfr"`` (CE + SFR, head from
-``SFRModel.from_backbone``: float32, as the trainer makes it). So attention (``flash_attention_2``
+``SFRModel.from_backbone``: float32, as the trainer makes it). On CUDA the forward runs under
+bf16 autocast, as ``sfr train --bf16`` runs it, so the float32 head uses the bf16 kernels. So attention (``flash_attention_2``
 when flash-attn is installed on CUDA, else ``sdpa``: ``sfr.trainer.attention_implementation``) and
 CE (Liger's fused linear cross-entropy on CUDA when installed, else ``lm_head`` + CE: the model's
 ``ce_implementation``) are the same for both. One step is::
@@ -187,7 +188,11 @@ def run(settings: StepSettings, out_dir: Path) -> list[dict]:
         optimizer.zero_grad(set_to_none=True)
         seed[0] += 1
         extra = {} if model is sft else dict(sfr_lambda=1.0, sfr_seed=seed[0])
-        model(**batch, **extra).loss.backward()
+        # The forward under bf16 autocast on CUDA, as `sfr train --bf16` (the HF Trainer) runs it: the
+        # float32 head then uses the bf16 kernels, like the backbone's bf16 matmuls.
+        with torch.autocast(settings.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            loss = model(**batch, **extra).loss
+        loss.backward()
         optimizer.step()
 
     sft_times, sft_peak = run_variant(step, settings, "sft")
