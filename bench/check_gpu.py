@@ -225,24 +225,29 @@ def _accuracy_row(torch, name, dtype, case, spec) -> Row:
         ref32 = loss_and_grads(torch, "torch", hidden.float(), target, copy.deepcopy(head).float(), **kwargs)
         ours = loss_and_grads(torch, "triton", hidden, target, head, **kwargs)
         lowp = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
+    return _worst_row("accuracy", f"{name}: {case}", name, ref32, ours, lowp)
+
+
+def _worst_row(check: str, case: str, dtype_name: str, ref32, ours, lowp) -> Row:
+    """The worst ``error / limit`` over the loss and every gradient of ``ours`` against ``ref32``
+    (``TOLERANCES``: float32's rule when ``lowp`` is None, else the low-precision rule with ``lowp``,
+    the reference run in that precision, as the baseline)."""
     worst_ok, worst_ratio, worst_name = True, 0.0, ""
     for key in ["loss", *ref32[1]]:
         ref = ref32[0] if key == "loss" else ref32[1][key]
-        got = ours[0] if key == "loss" else ours[1][key]
-        err = _max_err(got, ref)
+        err = _max_err(ours[0] if key == "loss" else ours[1][key], ref)
         if lowp is None:
             tol = TOLERANCES["float32"]
             limit = tol["rel"] * _max_abs(ref) + tol["floor"]
         else:
-            tol = TOLERANCES[name]
+            tol = TOLERANCES[dtype_name]
             base = _max_err(lowp[0] if key == "loss" else lowp[1][key], ref)
             limit = tol["factor"] * base + tol["rel"] * _max_abs(ref)
         ratio = err / limit if limit > 0 else (0.0 if err == 0 else float("inf"))
         if ratio > worst_ratio:
             worst_ratio, worst_name = ratio, key
         worst_ok &= err <= limit
-    return Row("accuracy", f"{name}: {case}", f"worst err/limit ({worst_name})",
-               f"{worst_ratio:.3f}", "<= 1", worst_ok)
+    return Row(check, case, f"worst err/limit ({worst_name})", f"{worst_ratio:.3f}", "<= 1", worst_ok)
 
 
 def check_autocast(torch, rows: list[Row]) -> None:
@@ -260,18 +265,7 @@ def check_autocast(torch, rows: list[Row]) -> None:
         with torch.autocast(DEVICE, dtype=dtype):
             ours = loss_and_grads(torch, "triton", hidden, target, head, **kwargs)
             theirs = loss_and_grads(torch, "torch", hidden, target, head, **kwargs)
-        worst_ratio, worst_name, ok = 0.0, "", True
-        for key in ["loss", *exact[1]]:
-            ref = exact[0] if key == "loss" else exact[1][key]
-            err = _max_err(ours[0] if key == "loss" else ours[1][key], ref)
-            base = _max_err(theirs[0] if key == "loss" else theirs[1][key], ref)
-            limit = TOLERANCES[name]["factor"] * base + TOLERANCES[name]["rel"] * _max_abs(ref)
-            ratio = err / limit if limit > 0 else (0.0 if err == 0 else float("inf"))
-            if ratio > worst_ratio:
-                worst_ratio, worst_name = ratio, key
-            ok &= err <= limit
-        rows.append(Row("autocast", f"{name}: float32 head, N={n} M={m}", f"worst err/limit ({worst_name})",
-                        f"{worst_ratio:.3f}", "<= 1", ok))
+        rows.append(_worst_row("autocast", f"{name}: float32 head, N={n} M={m}", name, exact, ours, theirs))
 
 
 def check_determinism(torch, rows: list[Row]) -> None:

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sfr.checks import check_output_dir
+from sfr.checks import check_device, check_output_dir
 
 MODELS = ("SFT", "SFR")
 OBJECTIVES = {"SFT": "sft", "SFR": "sfr"}
@@ -90,8 +90,7 @@ def _device(settings: DemoSettings) -> str:
 
     if settings.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available")
+    check_device(settings.device, "device")
     return settings.device
 
 
