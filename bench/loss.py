@@ -6,21 +6,18 @@ Run from the repository root::
     python -m bench.loss --preset all --N 16384 --M 4      # every model/encoder preset at one N, M
     python -m bench.loss --quick --out "$TMPDIR/r"           # small smoke run (CI runs this on the CPU)
 
-Providers (same head weights, same inputs, same draws; the seed is a 0-dim device tensor, so no
-provider pays a host-to-device copy):
+Providers (``bench.providers``; same head weights, same inputs; the seed is a 0-dim device tensor,
+so no provider pays a host-to-device copy):
 
-* ``torch-eager``   -- the reference, ``sfr_loss(..., backend="torch")``. Its Philox draws are the
-  int64 PyTorch port (``sfr_kernels.philox``), a few hundred elementwise passes over ``N·M·E`` int64
-  values, a large part of its time: the ``kernel=philox_draws`` row times them alone.
-* ``torch-compile`` -- ``torch.compile`` of the whole reference, draws included
+* ``torch-eager``        -- what a user would write: the reference math with native torch draws
+  (``torch.randn``/``torch.rand``).
+* ``torch-compile``      -- ``torch.compile`` of that function, its draws included
   (``mode="max-autotune-no-cudagraphs"`` on CUDA, falling back to the default mode; the mode used is
-  recorded in the provider column as ``torch-compile:<mode>``). The draws' counters ``a·M + m`` and
-  ``j`` come in as small int64 inputs (``[N, M]`` and ``[E]``): derived from ``arange`` inside the
-  graph, inductor's index analysis of the 10-round Philox chain does not finish. If compiling the
-  draws fails in every mode, they run eagerly and are passed in as ``noise``/``time``
-  (``torch-compile:<mode>+eager-draws``). Compilation (forward and backward) happens before any
-  timing.
-* ``triton``        -- ``sfr_loss(..., backend="triton")``. Skipped on the CPU: the Triton
+  recorded in the provider column as ``torch-compile:<mode>``). Forward and backward are compiled
+  before any timing; the compile time is written as its own row (``metric=compile_time``, s).
+* ``torch-eager-philox`` -- the bit-compatible reference (the kernels' draws emulated in int64 by
+  ``sfr_kernels.philox``): for information; every provider's first loss is printed next to its loss.
+* ``triton``             -- ``sfr_loss(..., backend="triton")``. Skipped on the CPU: the Triton
   interpreter's timings say nothing about the kernels.
 
 Modes: ``full`` (forward + backward), ``forward`` (a training forward: inputs require grad, the
@@ -55,20 +52,19 @@ import torch
 
 from bench import common
 from bench.common import LossShape
+from bench.providers import (
+    GPU_COMPILE_MODE,
+    PROVIDERS,
+    InputSet,
+    make_head,
+    make_inputs,
+    make_loss_fn,
+)
 
-PROVIDERS = ("torch-eager", "torch-compile", "triton")
-RUN_ORDER = ("triton", "torch-eager", "torch-compile")  # the slow, uncertain compile last
+RUN_ORDER = ("triton", "torch-eager", "torch-compile", "torch-eager-philox")  # the slow, uncertain compile late
 MODE_ORDER = ("full", "forward", "backward")  # the headline mode first
-METRICS = ("time", "memory", "tflops", "roofline_pct")
+METRICS = ("time", "memory", "tflops", "roofline_pct", "compile_time")
 ROTATING_SETS = 3  # pre-allocated input sets cycled through, so no run reuses the previous one's inputs
-GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
-
-
-@dataclass
-class InputSet:
-    hidden: torch.Tensor  # [N, D], requires grad
-    target: torch.Tensor  # [N, E], unit rows
-    seed: torch.Tensor  # 0-dim int64 on the device
 
 
 @dataclass
@@ -137,7 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         chosen = set(args.providers)
     elif quick and not on_gpu:
         # Inductor's C++ build of the compiled reference takes about a minute on a small CPU.
-        chosen = {"torch-eager", "triton"}
+        chosen = {"torch-eager", "torch-eager-philox", "triton"}
     else:
         chosen = set(PROVIDERS)
     providers = [p for p in RUN_ORDER if p in chosen]
@@ -156,92 +152,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(device, dtype, presets, n_values, m_values, providers, modes, metrics, warmup, rep,
                     gemm_size, copy_bytes, compile_mode, budget_s,
                     compile_left_out=args.providers is None and quick and not on_gpu)
-
-
-def make_head(shape: LossShape, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A ``FlowHead`` for ``shape`` whose zero-initialised output layer is re-drawn randomly."""
-    from sfr.head import FlowHead
-
-    head = FlowHead(shape.D, shape.E, width=shape.width, depth=shape.depth, time_features=shape.time_features)
-    head.out.reset_parameters()  # nn.Linear's default (Kaiming-uniform) init: non-zero gradients everywhere
-    return head.to(device=device, dtype=dtype)
-
-
-def make_inputs(shape: LossShape, device: torch.device, dtype: torch.dtype, count: int) -> list[InputSet]:
-    """``count`` random input sets (hidden ~ N(0, 1), unit-norm targets), each with its own seed."""
-    sets = []
-    for i in range(count):
-        hidden = torch.randn(shape.N, shape.D, device=device, dtype=dtype).requires_grad_(True)
-        target = torch.nn.functional.normalize(torch.randn(shape.N, shape.E, device=device), dim=-1).to(dtype)
-        seed = torch.full((), 1000 + i, dtype=torch.int64, device=device)
-        sets.append(InputSet(hidden, target, seed))
-    return sets
-
-
-def reference_with_counters(hidden, target, seed, rows, cols, head, num_samples: int):
-    """The reference with its draws written out from the Philox counters (what ``torch-compile`` compiles).
-
-    ``rows[a, m] = a·M + m`` and ``cols[j] = j``: ``x0 = randn(seed, rows·E + cols)``,
-    ``s = rand(seed + 1, rows)`` -- exactly ``draw_source`` (source_std 1) and ``draw_time`` ("uniform").
-    """
-    from sfr_kernels import philox, sfr_loss
-
-    noise = philox.randn(seed, rows.unsqueeze(-1) * cols.numel() + cols)
-    time_ = philox.rand(seed + 1, rows)
-    return sfr_loss(hidden, target, head, num_samples=num_samples, noise=noise, time=time_, backend="torch")
-
-
-def make_loss_fn(provider: str, head: torch.nn.Module, shape: LossShape, probe: InputSet, compile_mode: str):
-    """``(loss_fn(inputs) -> 0-dim loss, provider label)``; torch-compile compiles forward and backward on ``probe``."""
-    from sfr_kernels import draw_source, draw_time, sfr_loss
-    from sfr_kernels.reference import sample_offsets
-
-    m = shape.M
-    if provider in ("torch-eager", "triton"):
-        backend = "torch" if provider == "torch-eager" else "triton"
-        return (lambda inp: sfr_loss(inp.hidden, inp.target, head, num_samples=m, seed=inp.seed,
-                                     backend=backend)), provider
-    if provider != "torch-compile":
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-
-    device = probe.hidden.device
-    rows = sample_offsets(shape.N, m, device)
-    cols = torch.arange(shape.E, dtype=torch.int64, device=device)
-
-    def reference_in_graph(hidden, target, seed, rows, cols):
-        return reference_with_counters(hidden, target, seed, rows, cols, head, m)
-
-    def with_draws_in_graph(compiled):
-        return lambda inp: compiled(inp.hidden, inp.target, inp.seed, rows, cols)
-
-    def reference_from_draws(hidden, target, noise, time_):
-        return sfr_loss(hidden, target, head, num_samples=m, noise=noise, time=time_, backend="torch")
-
-    def with_eager_draws(compiled):
-        def loss_fn(inp):
-            noise = draw_source(inp.seed, shape.N, m, shape.E, 1.0, device)
-            return compiled(inp.hidden, inp.target, noise, draw_time(inp.seed, shape.N, m, "uniform", device))
-        return loss_fn
-
-    errors = []
-    variants = [(reference_in_graph, with_draws_in_graph, ""), (reference_from_draws, with_eager_draws, "+eager-draws")]
-    for (function, wrap, suffix), mode in itertools.product(variants, dict.fromkeys([compile_mode, "default"])):
-        torch._dynamo.reset()  # fresh caches per shape: no recompile limit, no stale specialisations
-        fn = wrap(torch.compile(function, mode=None if mode == "default" else mode, dynamic=False))
-        started = time.monotonic()
-        try:
-            fn(probe).backward()  # compiles forward and backward now, outside any timed region
-        except Exception as error:  # noqa: BLE001 - any compile failure means: try the next variant
-            errors.append(f"mode={mode}{suffix}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            print(f"  torch-compile {errors[-1]}; trying the next variant", flush=True)
-            continue
-        finally:
-            probe.hidden.grad = None
-            head.zero_grad(set_to_none=True)
-        print(f"  torch-compile mode={mode}{suffix}: compiled forward+backward in {time.monotonic() - started:.0f} s",
-              flush=True)
-        return fn, f"torch-compile:{mode}{suffix}"
-    raise RuntimeError("torch.compile failed in every variant: " + "; ".join(errors))
 
 
 def time_mode(loss_fn, inputs: list[InputSet], head, mode: str, settings: Settings):
@@ -303,24 +213,6 @@ def measure_device(settings: Settings, env: dict) -> tuple[float, float, list[di
     return gemm[0], copy[0], rows
 
 
-def measure_draws(shape: LossShape, inputs: list[InputSet], settings: Settings, env: dict) -> dict:
-    """The ``philox_draws`` row: time of the reference's eager draws alone (source ``[N, M, E]`` + time ``[N, M]``)."""
-    from sfr_kernels import draw_source, draw_time
-
-    rotation = itertools.cycle(inputs)
-
-    def draws():
-        seed = next(rotation).seed
-        return (draw_source(seed, shape.N, shape.M, shape.E, 1.0, settings.device),
-                draw_time(seed, shape.N, shape.M, "uniform", settings.device))
-
-    t50, t20, t80 = common.bench_ms(draws, settings.device, warmup=settings.warmup, rep=settings.rep)
-    print(f"  {'torch-eager philox draws':<36} {'forward':<8} {t50:10.3f} ms [{t20:.3f}, {t80:.3f}]", flush=True)
-    return common.make_row(env, kernel="philox_draws", provider="torch-eager", mode="forward", metric="time",
-                           unit="ms", N=shape.N, M=shape.M, D=shape.D, E=shape.E, width=shape.width,
-                           depth=shape.depth, dtype=common.DTYPE_NAMES[settings.dtype], p50=t50, p20=t20, p80=t80)
-
-
 def run(settings: Settings, out_dir: Path) -> list[dict]:
     """Measure everything ``settings`` asks for, appending rows to ``out_dir/loss.csv`` as they come; return them."""
     started = time.monotonic()
@@ -353,16 +245,14 @@ def run(settings: Settings, out_dir: Path) -> list[dict]:
                 torch.manual_seed(0)
                 head = make_head(shape, settings.device, settings.dtype)
                 inputs = make_inputs(shape, settings.device, settings.dtype, ROTATING_SETS)
-                eager = make_loss_fn("torch-eager", head, shape, inputs[0], settings.compile_mode)[0]
-                reference_loss = eager(inputs[0]).item()  # each provider's first loss is checked against it
+                reference = make_loss_fn("torch-eager-philox", head, shape, inputs[0], settings.compile_mode)
+                reference_loss = reference.fn(inputs[0]).item()  # every provider's first loss is shown beside it
                 for provider in providers:
                     if time.monotonic() - started > settings.budget_s:
                         print(f"  {provider}: skipped (the --budget-minutes budget is used up)", flush=True)
                         continue
                     new = measure_provider(provider, head, inputs, shape, settings, env, gemm_tflops, bandwidth_gbs,
                                            bytes_per_element, reference_loss)
-                    if provider == "torch-eager" and "time" in settings.metrics:
-                        new.append(measure_draws(shape, inputs, settings, env))
                     common.append_rows(path, new)
                     rows += new
                 del head, inputs
@@ -377,25 +267,32 @@ def measure_provider(provider: str, head, inputs: list[InputSet], shape: LossSha
                      ) -> list[dict]:
     """Every mode of one provider on one shape (a provider that fails to build or runs out of memory is reported).
 
-    First the provider's loss on the first input set is printed next to the eager reference's
-    (``reference_loss``): a provider that computes something else shows at once.
+    First the provider's loss on the first input set is printed next to the bit-compatible reference's
+    (``reference_loss``, the same draws as ``triton``): a fused path that computes something else shows
+    at once; the native-RNG providers draw other random numbers, so theirs agree only statistically.
     """
     try:
-        loss_fn, label = make_loss_fn(provider, head, shape, inputs[0], settings.compile_mode)
+        loss_fn = make_loss_fn(provider, head, shape, inputs[0], settings.compile_mode)
     except Exception as error:  # noqa: BLE001 - report, go on with the others
         print(f"  {provider}: skipped ({type(error).__name__}: {error})", flush=True)
         return []
-    if provider != "torch-eager":
-        loss = loss_fn(inputs[0]).item()  # with grad enabled, as timed: no recompilation for no_grad
-        print(f"  {label}: loss {loss:.6g}, eager reference {reference_loss:.6g} "
-              f"(relative difference {abs(loss - reference_loss) / max(abs(reference_loss), 1e-30):.1e})", flush=True)
+    loss = loss_fn.fn(inputs[0]).item()  # with grad enabled, as timed: no recompilation for no_grad
+    same_draws = provider in ("triton", "torch-eager-philox")
+    print(f"  {loss_fn.label}: loss {loss:.6g}, Philox reference {reference_loss:.6g} "
+          f"(relative difference {abs(loss - reference_loss) / max(abs(reference_loss), 1e-30):.1e}"
+          f"{'' if same_draws else ', other draws'})", flush=True)
     rows = []
+    if loss_fn.compile_s and "compile_time" in settings.metrics:
+        rows.append(common.make_row(env, kernel="sfr_loss", provider=loss_fn.label, mode="full", metric="compile_time",
+                                    unit="s", N=shape.N, M=shape.M, D=shape.D, E=shape.E, width=shape.width,
+                                    depth=shape.depth, dtype=common.DTYPE_NAMES[settings.dtype], p50=loss_fn.compile_s,
+                                    p20=loss_fn.compile_s, p80=loss_fn.compile_s))
     for mode in settings.modes:
         try:
-            rows += measure_one(loss_fn, label, inputs, head, shape, mode, settings, env, gemm_tflops, bandwidth_gbs,
+            rows += measure_one(loss_fn.fn, loss_fn.label, inputs, head, shape, mode, settings, env, gemm_tflops, bandwidth_gbs,
                                 bytes_per_element)
         except torch.cuda.OutOfMemoryError as error:
-            print(f"  {label:<36} {mode:<8} out of memory ({str(error).splitlines()[0]})", flush=True)
+            print(f"  {loss_fn.label:<36} {mode:<8} out of memory ({str(error).splitlines()[0]})", flush=True)
         finally:
             for t in [inp.hidden for inp in inputs] + list(head.parameters()):
                 t.grad = None

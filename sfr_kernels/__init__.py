@@ -27,14 +27,15 @@ __all__ = [
     "unsupported_head_reason",
 ]
 
-_FUSED_EXPORTS = ("sfr_loss_triton", "unsupported_head_reason")
-
-
 def __getattr__(name):
     # The fused path is imported lazily: defining its @triton.jit kernels needs triton, and on a
     # CPU machine TRITON_INTERPRET must be set before that happens.
-    if name in _FUSED_EXPORTS:
-        from sfr_kernels import fused_loss
+    if name == "sfr_loss_triton":
+        from sfr_kernels.fused_loss import sfr_loss_triton
 
-        return getattr(fused_loss, name)
+        return sfr_loss_triton
+    if name == "unsupported_head_reason":
+        from sfr_kernels.head_support import unsupported_head_reason
+
+        return unsupported_head_reason
     raise AttributeError(f"module 'sfr_kernels' has no attribute {name!r}")

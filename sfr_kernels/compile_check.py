@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every fused kernel for a GPU target, without a GPU.
 
 ``python -m sfr_kernels.compile_check`` compiles each kernel, in the launch configuration the
-launchers use (``fused_loss.launch_configs`` with the interpreter off), for float32/bfloat16/float16 heads
+launchers use on a GPU (``launch.launch_configs(target="gpu")``), for float32/bfloat16/float16 heads
 and every constexpr variant that changes code (time sampling, explicit noise, x/e features), down to
 a cubin for ``sm_90a`` (H100/H200) with Triton's bundled ``ptxas``, and prints registers, spills and
 shared memory per variant. It catches what the CPU interpreter cannot: type errors in the compiled
@@ -33,51 +33,64 @@ class CompileResult:
 
 
 def _variants(dtype: str, quick: bool):
-    """(name, kernel, signature, constexprs, options) for each kernel variant of one head dtype."""
+    """(name, kernel, signature, constexprs, config) for each kernel variant of one head dtype."""
     import torch
 
-    from sfr_kernels import fused_loss
-    from sfr_kernels.flow_input import flow_input_forward_kernel, flow_input_weight_grad_kernel
-    from sfr_kernels.flow_output import flow_output_loss_kernel
+    from sfr_kernels.flow_draws import flow_inputs_kernel
+    from sfr_kernels.flow_layers import linear_silu_backward_kernel, linear_silu_kernel
+    from sfr_kernels.flow_output import output_loss_kernel
+    from sfr_kernels.launch import launch_configs
+    from sfr_kernels.reference import TIME_MODES
     from sfr_kernels.scatter_rows import scatter_rows_kernel
+    from sfr_kernels.weight_grad import weight_grad_kernel
 
-    configs = fused_loss.launch_configs(width=1024, embed=384, features=64, hidden_size=4096,
-                                       dtype=getattr(torch, dtype))
+    configs = launch_configs(getattr(torch, dtype), target="gpu")
     w = _PTR[dtype]
     precision = "ieee" if dtype == "float32" else "tf32"
-    scalars = {"source_std": "fp32", "time_mean": "fp32", "time_std": "fp32"}
+    f32, i32 = "fp32", "i32"
 
-    modes = [(1, False), (2, False), (0, True), (3, False)]  # (TIME_MODE, EXPLICIT_NOISE)
-    if quick:
-        modes = modes[:1]
-    for time_mode, explicit in modes:
-        sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": "*fp32",
-               "cond_ptr": w, "wx_ptr": w, "wt_ptr": w, "freq_ptr": w, "z_ptr": w,
-               "R": "i32", "M": "i32", "E": "i32", "F": "i32", "HD": "i32", "stride_target": "i32", **scalars}
-        const = {"TIME_MODE": time_mode, "EXPLICIT_NOISE": explicit, "DOT_PRECISION": precision}
-        yield (f"time_mode={time_mode} noise={explicit}", flow_input_forward_kernel, sig, const,
-               configs.input_forward)
-        if dtype != "float32" and time_mode == 1:  # a float32 head under autocast: float32 frequencies
-            yield (f"time_mode={time_mode} noise={explicit} autocast", flow_input_forward_kernel,
-                   dict(sig, freq_ptr="*fp32"), const, configs.input_forward)
-        for features in (False, True):
-            sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": "*fp32",
-                   "freq_ptr": w, "dz_ptr": w, "partial_ptr": "*fp32", "R": "i32", "M": "i32", "E": "i32",
-                   "F": "i32", "HD": "i32", "rows_per_split": "i32", "stride_target": "i32", **scalars}
-            const = {"TIME_FEATURES": features, "TIME_MODE": time_mode, "EXPLICIT_NOISE": explicit,
-                     "DOT_PRECISION": precision}
-            yield (f"{'e_s' if features else 'x_s'} time_mode={time_mode} noise={explicit}",
-                   flow_input_weight_grad_kernel, sig, const,
-                   configs.weight_grad_t if features else configs.weight_grad_x)
-    for explicit in (False,) if quick else (False, True):
-        sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": "*fp32", "z_ptr": w, "wo_ptr": w,
-               "bo_ptr": w, "coef_ptr": "*fp32", "grad_v_ptr": _PTR[str(fused_loss._gradient_dtype(getattr(torch, dtype)))[6:]], "row_sq_ptr": "*fp32", "R": "i32", "M": "i32",
-               "E": "i32", "HD": "i32", "stride_target": "i32", "source_std": "fp32"}
-        const = {"EXPLICIT_NOISE": explicit, "WRITE_GRAD": True, "DOT_PRECISION": precision}
-        yield f"noise={explicit}", flow_output_loss_kernel, sig, const, configs.output_loss
-    sig = {"src_ptr": w, "sorted_index_ptr": "*i64", "order_ptr": "*i64", "out_ptr": w, "scale_ptr": "*fp32",
-           "N": "i32", "D": "i32"}
+    modes = [("uniform", False), ("logit_normal", False), ("explicit", True), ("zero", False)]
+    for time_sampling, explicit in modes[:1] if quick else modes:
+        sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": w, "freq_ptr": w,
+               "x_ptr": w, "R": i32, "M": i32, "E": i32, "F": i32, "stride_target": i32, "stride_x": i32,
+               "source_std": f32, "time_mean": f32, "time_std": f32}
+        const = {"TIME_MODE": TIME_MODES[time_sampling], "EXPLICIT_NOISE": explicit}
+        yield f"time={time_sampling} noise={explicit}", flow_inputs_kernel, sig, const, configs.inputs
+        if dtype != "float32" and time_sampling == "uniform":  # a float32 head under autocast: float32 frequencies
+            yield (f"time={time_sampling} noise={explicit} autocast", flow_inputs_kernel,
+                   dict(sig, freq_ptr="*fp32"), const, configs.inputs)
+    for per_anchor in (True, False):
+        sig = {"a_ptr": w, "w_ptr": w, "bias_ptr": w, "z_ptr": w, "act_ptr": w, "R": i32, "NOUT": i32, "K": i32,
+               "M": i32, "stride_a": i32, "stride_w": i32, "stride_bias": i32}
+        yield (f"{'first layer (c per anchor)' if per_anchor else 'hidden layer (bias)'}", linear_silu_kernel, sig,
+               {"BIAS_PER_ANCHOR": per_anchor, "DOT_PRECISION": precision}, configs.layer)
+    for store_activation in (False, True):
+        sig = {"dy_ptr": w, "w_ptr": w, "z_ptr": w, "dz_ptr": w, "act_ptr": w, "R": i32, "NZ": i32, "K": i32,
+               "stride_dy": i32, "stride_w": i32}
+        yield (f"{'with activation' if store_activation else 'dz only'}", linear_silu_backward_kernel, sig,
+               {"STORE_ACTIVATION": store_activation, "DOT_PRECISION": precision}, configs.layer_backward)
+    for explicit, weighted in ((False, False),) if quick else ((False, False), (False, True), (True, False)):
+        sig = {"a_ptr": w, "w_ptr": w, "bias_ptr": w, "seed_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": w,
+               "weight_ptr": "*fp32", "grad_v_ptr": w, "row_sq_ptr": "*fp32", "R": i32, "E": i32, "K": i32, "M": i32,
+               "stride_a": i32, "stride_target": i32, "source_std": f32}
+        const = {"EXPLICIT_NOISE": explicit, "HAS_WEIGHT": weighted, "WRITE_GRAD": True, "DOT_PRECISION": precision}
+        yield f"noise={explicit} weight={weighted}", output_loss_kernel, sig, const, configs.output
+    for bias in (True, False):
+        sig = {"dz_ptr": w, "a_ptr": w, "partial_ptr": "*fp32", "bias_partial_ptr": "*fp32", "R": i32, "NOUT": i32,
+               "NIN": i32, "rows_per_split": i32, "stride_dz": i32, "stride_a": i32}
+        yield (f"bias={bias}", weight_grad_kernel, sig, {"BIAS_GRAD": bias, "DOT_PRECISION": precision},
+               configs.weight_grad)
+    sig = {"src_ptr": w, "sorted_index_ptr": "*i64", "order_ptr": "*i64", "out_ptr": w, "N": i32, "D": i32}
     yield "", scatter_rows_kernel, sig, {}, configs.scatter
+
+
+def _headline_specialization(kernel, signature: dict) -> dict:
+    """The ``tt.divisibility`` hints the JIT gives a launch at the headline shape: torch allocations are
+    16-byte aligned, and every size and stride there is a multiple of 16 except M (samples per anchor).
+    Without them Triton cannot vectorise loads nor pipeline them with cp.async, and the register and
+    shared-memory numbers would describe code that never runs."""
+    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+            if kind.startswith("*") or (kind == "i32" and name != "M")}
 
 
 def _ptxas_candidates(capability: int) -> list[str]:
@@ -129,9 +142,10 @@ def compile_all(dtypes=("float32", "bfloat16", "float16"), capability: int = 90,
     for dtype in dtypes:
         for variant, kernel, signature, constexprs, config in _variants(dtype, quick):
             options = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-            constexprs = dict(constexprs, **{k: v for k, v in config.items() if k.startswith("BLOCK_")})
+            constexprs = dict(constexprs, **{k: v for k, v in config.items() if k not in options})
             signature = dict(signature, **{name: "constexpr" for name in constexprs})
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                               attrs=_headline_specialization(kernel, signature))
             compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
             regs, spills = _ptxas_report(compiled.asm["ptx"], capability)
             results.append(CompileResult(kernel.__name__, f"{dtype} {variant}".strip(), regs, spills,

@@ -1,39 +1,47 @@
-"""In-register regeneration of the flow-matching draws, shared by every fused kernel.
+"""The flow-matching draws and the head's input, generated once: ``X = [x_s | e_s]``.
 
-These ``@triton.jit`` helpers rebuild, for a tile of (anchor, sample) rows ``r = a*M + m``, exactly
-what the reference draws (DESIGN.md section 2; ``sfr_kernels.reference``)::
+For the (anchor, sample) rows ``r = a*M + m``, exactly what the reference draws (docs/design.md,
+"RNG layout"; ``sfr_kernels.reference``)::
 
     x0[r, j] = source_std * randn(seed, r*E + j)          (or the explicit noise, loaded)
-    s[r]     = rand(seed + 1, r)                          uniform       (TIME_MODE == 1)
-             = sigmoid(time_mean + time_std * randn(seed + 1, r))  logit_normal (TIME_MODE == 2)
-             = 0                                          zero          (TIME_MODE == 3)
-             = time[r]                                    explicit time (TIME_MODE == 0)
+    s[r]     = rand(seed + 1, r)                          uniform       (TIME_MODE 1)
+             = sigmoid(time_mean + time_std * randn(seed + 1, r))  logit_normal (TIME_MODE 2)
+             = 0                                          zero          (TIME_MODE 3)
+             = time[r]                                    explicit time (TIME_MODE 0)
     x_s      = (1 - s) * x0 + s * y[a]                    conditional OT path
     u        = y[a] - x0                                  target velocity
     e_s[f]   = cos(freq[f] * s)  for f <  F/2             timestep features (FlowHead docstring)
              = sin(freq[f - F/2] * s)  for F/2 <= f < F
 
-so x0, x_s, u and e_s never touch global memory. Row and column indices are int64 tensors, so
-``r*E + j`` cannot overflow int32 even when ``N*M*E > 2**31``. All arithmetic is float32.
+``flow_inputs_kernel`` writes ``X[r] = [x_s[r], e_s[r]]`` ([R, E + F], the head's dtype) once per
+forward pass: every source draw and every time feature is evaluated once, and the first layer of the
+head becomes one GEMM, ``z1 = X [W_x | W_t]^T + c[a]`` (``flow_layers``). The ``@triton.jit``
+helpers are shared with the output layer, which regenerates ``x0`` once more for ``u`` in its loss
+epilogue (``flow_output``) -- cheaper in memory than keeping an ``[R, E]`` float32 ``u`` alive.
+
+Row and column indices are int64, so ``r*E + j`` cannot overflow int32 even when ``N*M*E > 2**31``.
+All arithmetic is float32; values are rounded to the head's dtype where the reference rounds them
+(the head's inputs ``x_s``, ``s`` and ``e_s``).
 """
+import torch
 import triton
 import triton.language as tl
 
-# TIME_MODE codes (tl.constexpr): keep in sync with fused_loss._TIME_MODES.
-TIME_EXPLICIT = 0
-TIME_UNIFORM = 1
-TIME_LOGIT_NORMAL = 2
-TIME_ZERO = 3
+from sfr_kernels.reference import TIME_MODES
+
+_EXPLICIT = tl.constexpr(TIME_MODES["explicit"])
+_UNIFORM = tl.constexpr(TIME_MODES["uniform"])
+_LOGIT_NORMAL = tl.constexpr(TIME_MODES["logit_normal"])
 
 
 @triton.jit
 def flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE: tl.constexpr):
     """Flow time ``s`` of each row, float32 [BLOCK_R]; the time stream uses key ``seed + 1``."""
-    if TIME_MODE == 0:
+    if TIME_MODE == _EXPLICIT:
         s = tl.load(time_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    elif TIME_MODE == 1:
+    elif TIME_MODE == _UNIFORM:
         s = tl.rand(seed + 1, rows)
-    elif TIME_MODE == 2:
+    elif TIME_MODE == _LOGIT_NORMAL:
         s = tl.sigmoid(time_mean + time_std * tl.randn(seed + 1, rows))
     else:
         s = tl.zeros(rows.shape, dtype=tl.float32)
@@ -93,3 +101,52 @@ def time_features(s_feat, freq_ptr, cols, row_mask, F):
     angles = s_feat[:, None] * freq[None, :]
     feats = tl.where(is_sin[None, :], tl.sin(angles), tl.cos(angles))
     return tl.where(row_mask[:, None] & col_mask[None, :], feats, 0.0)
+
+
+@triton.jit
+def flow_inputs_kernel(
+    seed_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, x_ptr,
+    R, M, E, F, stride_target, stride_x, source_std, time_mean, time_std,
+    TIME_MODE: tl.constexpr, EXPLICIT_NOISE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """``X[r, :E] = x_s[r]``, ``X[r, E:E+F] = e_s[r]`` for BLOCK_R rows; grid ``(cdiv(R, BLOCK_R),)``."""
+    seed = tl.load(seed_ptr)  # device seed: no host sync, CUDA-graph safe
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    anchors = rows // M
+    x_dtype = x_ptr.dtype.element_ty
+
+    s = flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)
+    for e0 in range(0, E, BLOCK_E):
+        cols = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        mask = row_mask[:, None] & (cols < E)[None, :]
+        x_s = flow_point(seed, noise_ptr, target_ptr, stride_target, s, rows, anchors, cols, mask, E, source_std,
+                         EXPLICIT_NOISE)
+        tl.store(x_ptr + rows[:, None] * stride_x + cols[None, :], x_s.to(x_dtype), mask=mask)
+
+    s_feat = time_for_features(s, x_dtype, freq_ptr)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F).to(tl.int64)
+        feats = time_features(s_feat, freq_ptr, cols, row_mask, F)
+        tl.store(x_ptr + rows[:, None] * stride_x + E + cols[None, :], feats.to(x_dtype),
+                 mask=row_mask[:, None] & (cols < F)[None, :])
+
+
+def draw_flow_inputs(seed, noise, time, target, time_frequencies, num_samples, source_std, time_mode,
+                     time_mean, time_std, dtype, config) -> torch.Tensor:
+    """Launch :func:`flow_inputs_kernel`: ``X = [x_s | e_s]``, ``[N*M, E + F]`` in ``dtype``.
+
+    ``target`` [N, E] (rows may be strided), ``noise`` [N, M, E] or None, ``time`` [N, M] or None,
+    ``time_frequencies`` [F/2]; ``time_mode`` a value of ``reference.TIME_MODES``.
+    """
+    n, embed = target.shape
+    features = 2 * time_frequencies.shape[0]
+    rows = n * num_samples
+    x = torch.empty((rows, embed + features), dtype=dtype, device=target.device)
+    if rows:
+        flow_inputs_kernel[(triton.cdiv(rows, config["BLOCK_R"]),)](
+            seed, noise, time, target, time_frequencies, x, rows, num_samples, embed, features, target.stride(0),
+            x.stride(0), float(source_std), float(time_mean), float(time_std),
+            TIME_MODE=time_mode, EXPLICIT_NOISE=noise is not None, **config)
+    return x

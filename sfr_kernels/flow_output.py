@@ -1,65 +1,95 @@
-"""Output layer of the flow head fused with the loss and its gradient (gradient-in-forward).
+"""The head's output layer as one GEMM whose epilogue computes the loss and its gradient.
 
-For a tile of rows ``r = a*M + m`` (anchor a, sample m), given the last pre-activation ``z_L``
-[R, Hd] of the head::
+For a tile of rows ``r = a*M + m`` (anchor a, sample m) and embedding columns ``j``, given the last
+activation ``a_L`` [R, Hd]::
 
-    v[r]      = W_o silu(z_L[r]) + b_o                        [E]   (registers only)
-    u[r]      = y[a] - x0[r]                                  [E]   (x0 regenerated from the seed)
-    row_sq[r] = || v[r] - u[r] ||^2                           [R]   float32, written
-    g_v[r]    = 2 * coef[a] * (v[r] - u[r])                   [R, E] written: dL/dv for dL_out = 1
+    v[r, j]          = (a_L W_o^T)[r, j] + b_o[j]           rounded to the head's dtype (as the head outputs it)
+    u[r, j]          = y[a, j] - x0[r, j]                    x0 regenerated from the seed (flow_draws)
+    row_sq[r, tile]  = sum_{j in tile} (v - u)^2             float32 [R, tiles over E]
+    g_v[r, j]        = 2 w_a (v - u)                         the gradient of sum_r w_a ||v - u||^2
 
-where ``coef[a] = w_a / (M * E * denominator)`` is the derivative of the reduced loss with respect
-to the row's squared error (``denominator = sum w`` for "mean", 1 for "sum"; computed on the device).
-``v`` and ``u`` never reach memory; ``g_v`` is what backward needs (``dW_o``/``db_o`` are formed
-from it in the forward pass, and ``dL/da_L = g_v W_o``). The program owns whole rows (it loops over
-all E tiles), so the per-row loss needs no cross-program reduction.
+``v`` and ``u`` never reach memory. ``g_v`` is *unnormalised*: the reduction's global factor
+``1 / (M E denominator)`` (and the upstream gradient) is applied once, in float32, to the weight
+gradients at the end (``fused_loss``), so ``g_v`` and everything derived from it stay O(1) -- safe in
+float16 whatever the anchor count. The per-row squared errors of the E tiles are summed by the caller
+in a fixed order (no atomics).
 """
+import torch
 import triton
 import triton.language as tl
 
 from sfr_kernels.flow_draws import flow_source
+from sfr_kernels.matmul import grouped_tile, matmul_tile
 
 
 @triton.jit
-def flow_output_loss_kernel(
-    seed_ptr, noise_ptr, target_ptr, z_ptr, wo_ptr, bo_ptr, coef_ptr, grad_v_ptr, row_sq_ptr,
-    R, M, E, HD, stride_target, source_std,
-    EXPLICIT_NOISE: tl.constexpr, WRITE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+def output_loss_kernel(
+    a_ptr, w_ptr, bias_ptr, seed_ptr, noise_ptr, target_ptr, weight_ptr, grad_v_ptr, row_sq_ptr,
+    R, E, K, M, stride_a, stride_target, source_std,
+    EXPLICIT_NOISE: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Grid ``(cdiv(R, BLOCK_R),)``; writes ``row_sq`` [R] and (WRITE_GRAD) ``g_v`` [R, E] for its rows."""
-    seed = tl.load(seed_ptr)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """One [BLOCK_M, BLOCK_N] tile of ``v``: writes ``row_sq[:, tile_n]`` and (WRITE_GRAD) ``g_v``."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), R, E, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < R
+    col_mask = cols < E
+    acc = matmul_tile(a_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_a, 1, 1, K,
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+
+    # The epilogue (which regenerates x0: register-hungry) works on the two column halves in turn.
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    half_cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    seed = tl.load(seed_ptr)
+    row_sq = _loss_epilogue(left, rows, half_cols, row_mask, E, M, w_ptr, bias_ptr, seed, noise_ptr, target_ptr,
+                            weight_ptr, grad_v_ptr, stride_target, source_std, EXPLICIT_NOISE, HAS_WEIGHT, WRITE_GRAD)
+    row_sq += _loss_epilogue(right, rows, half_cols + BLOCK_N // 2, row_mask, E, M, w_ptr, bias_ptr, seed, noise_ptr,
+                             target_ptr, weight_ptr, grad_v_ptr, stride_target, source_std, EXPLICIT_NOISE, HAS_WEIGHT,
+                             WRITE_GRAD)
+    tl.store(row_sq_ptr + rows * tl.cdiv(E, BLOCK_N) + tile_n, row_sq, mask=row_mask)
+
+
+@triton.jit
+def _loss_epilogue(acc, rows, cols, row_mask, E, M, w_ptr, bias_ptr, seed, noise_ptr, target_ptr, weight_ptr,
+                   grad_v_ptr, stride_target, source_std, EXPLICIT_NOISE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr):
+    """``v = acc + b_o``; stores ``g_v`` for the columns ``cols``; returns their ``sum_j (v - u)^2`` per row."""
+    col_mask = cols < E
+    mask = row_mask[:, None] & col_mask[None, :]
     anchors = rows // M
-    w_dtype = wo_ptr.dtype.element_ty
-    coef = tl.load(coef_ptr + anchors, mask=row_mask, other=0.0)
-    row_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    v = (acc + bias[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the head outputs v in its dtype
+    x0 = flow_source(seed, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE)
+    y = tl.load(target_ptr + anchors[:, None] * stride_target + cols[None, :], mask=mask, other=0.0)
+    diff = tl.where(mask, v - (y.to(tl.float32) - x0), 0.0)
+    if WRITE_GRAD:  # off without autograd (evaluation): then only the loss is computed
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + anchors, mask=row_mask, other=0.0).to(tl.float32)
+            grad = (2.0 * w)[:, None] * diff
+        else:
+            grad = 2.0 * diff
+        tl.store(grad_v_ptr + rows[:, None] * E + cols[None, :], grad.to(grad_v_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(diff * diff, axis=1)
 
-    for e0 in range(0, E, BLOCK_E):
-        cols_e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
-        e_mask = cols_e < E
-        tile_mask = row_mask[:, None] & e_mask[None, :]
-        acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-        for k0 in range(0, HD, BLOCK_K):
-            cols_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            k_mask = cols_k < HD
-            z = tl.load(z_ptr + rows[:, None] * HD + cols_k[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            a = (z * tl.sigmoid(z)).to(w_dtype)  # silu, rounded like the head's activation
-            w = tl.load(wo_ptr + cols_e[None, :] * HD + cols_k[:, None],
-                        mask=k_mask[:, None] & e_mask[None, :], other=0.0)  # W_o^T tile [BLOCK_K, BLOCK_E]
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        bias = tl.load(bo_ptr + cols_e, mask=e_mask, other=0.0).to(tl.float32)
-        v = (acc + bias[None, :]).to(w_dtype).to(tl.float32)  # the head outputs v in its dtype
 
-        x0 = flow_source(seed, noise_ptr, rows, cols_e, tile_mask, E, source_std, EXPLICIT_NOISE)
-        y = tl.load(target_ptr + anchors[:, None] * stride_target + cols_e[None, :], mask=tile_mask, other=0.0)
-        diff = tl.where(tile_mask, v - (y.to(tl.float32) - x0), 0.0)
-        row_sq += tl.sum(diff * diff, axis=1)
-        if WRITE_GRAD:  # off without autograd (evaluation): then only the loss is computed
-            grad_v = (2.0 * coef[:, None]) * diff
-            tl.store(grad_v_ptr + rows[:, None] * E + cols_e[None, :], grad_v.to(grad_v_ptr.dtype.element_ty),
-                     mask=tile_mask)
+def output_loss(act, out_weight, out_bias, seed, noise, target, weight, num_samples, source_std, write_grad,
+                precision, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch :func:`output_loss_kernel`: ``(row_sq [R] float32, g_v [R, E] in the head's dtype)``.
 
-    tl.store(row_sq_ptr + rows, row_sq, mask=row_mask)
+    ``g_v`` is an empty tensor without ``write_grad``.
+    """
+    rows, width = act.shape
+    embed = out_weight.shape[0]
+    tiles_n = triton.cdiv(embed, config["BLOCK_N"])
+    row_sq = torch.empty((rows, tiles_n), dtype=torch.float32, device=act.device)
+    grad_v = torch.empty((rows, embed) if write_grad else (0,), dtype=out_weight.dtype, device=act.device)
+    if rows:
+        grid = (triton.cdiv(rows, config["BLOCK_M"]) * tiles_n,)
+        output_loss_kernel[grid](
+            act, out_weight, out_bias, seed, noise, target, weight, grad_v, row_sq, rows, embed, width,
+            num_samples, act.stride(0), target.stride(0), float(source_std),
+            EXPLICIT_NOISE=noise is not None, HAS_WEIGHT=weight is not None, WRITE_GRAD=write_grad,
+            DOT_PRECISION=precision, **config)
+    return row_sq.sum(dim=1), grad_v

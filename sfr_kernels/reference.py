@@ -23,6 +23,9 @@ import torch
 from sfr_kernels import philox
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "zero")
+# How the fused kernels name the time source (their TIME_MODE constexpr): a sampling above, or the
+# explicit ``time`` argument. The one table the launchers and kernels share.
+TIME_MODES = {"explicit": 0, "uniform": 1, "logit_normal": 2, "zero": 3}
 
 # Sinusoidal timestep features: s in [0, 1] is scaled to [0, TIME_SCALE] as in DiT's timestep
 # embedder, and the frequencies span TIME_SCALE down to TIME_SCALE / MAX_PERIOD geometrically.

@@ -64,7 +64,8 @@ def test_loss_quick_csv(quick_results):
         return  # the shape and provider set differ on a GPU; the CPU layout is what CI checks
     assert "triton skipped on the CPU" in stdout and "NOT kernel results" in stdout
     got = {(r["provider"], r["mode"], r["metric"]) for r in loss_rows}
-    want = {("torch-eager", mode, metric) for mode in ("full", "forward") for metric in ("time", "tflops", "roofline_pct")}
+    want = {(provider, mode, metric) for provider in ("torch-eager", "torch-eager-philox") for mode in ("full", "forward")
+            for metric in ("time", "tflops", "roofline_pct")}
     assert got == want  # no memory rows on the CPU, no triton rows, no other modes
     for r in loss_rows:
         assert (r["N"], r["M"], r["D"], r["E"], r["width"], r["depth"], r["dtype"]) == ("256", "1", "896", "384", "1024", "2", "fp32")
@@ -201,15 +202,6 @@ def test_update_results_replaces_only_the_headline_section(tmp_path):
         update_results_file(results_md, table)
 
 
-def test_quick_csv_has_the_eager_draws_row(quick_results):
-    out = quick_results[0]
-    _, rows = _read(out / "loss.csv")
-    draws = [r for r in rows if r["kernel"] == "philox_draws"]
-    if not ON_GPU:
-        assert [(r["provider"], r["mode"], r["metric"]) for r in draws] == [("torch-eager", "forward", "time")]
-        _check_quantiles(draws[0])
-
-
 def test_bench_ms_setup_runs_untimed_before_every_call_with_fresh_grads():
     """``setup``'s value reaches ``fn``; ``.grad`` is None at every timed call (no accumulation)."""
     x = torch.ones(3, requires_grad=True)
@@ -227,19 +219,25 @@ def test_bench_ms_setup_runs_untimed_before_every_call_with_fresh_grads():
     assert 0 < p20 <= p50 <= p80
 
 
-def test_compiled_provider_computes_the_reference():
-    """What torch-compile compiles (draws from the Philox counters) is the eager reference, bit for bit."""
-    from bench.loss import make_head, make_inputs, reference_with_counters
+def test_eager_providers_compute_the_reference_with_native_or_philox_draws():
+    """torch-eager is the reference fed with torch.randn/torch.rand draws (what a user writes); torch-eager-philox
+    is the reference with the kernels' seeded draws. Both are the same math, bit for bit."""
+    from bench.providers import make_head, make_inputs, make_loss_fn
     from sfr_kernels import sfr_loss
-    from sfr_kernels.reference import sample_offsets
 
     shape = common.LossShape(N=6, M=3, D=16, E=10, width=8, time_features=4)
     head = make_head(shape, torch.device("cpu"), torch.float32)
     inp = make_inputs(shape, torch.device("cpu"), torch.float32, 1)[0]
-    ours = reference_with_counters(inp.hidden, inp.target, inp.seed, sample_offsets(shape.N, shape.M, "cpu"),
-                                   torch.arange(shape.E), head, shape.M)
-    ref = sfr_loss(inp.hidden, inp.target, head, num_samples=shape.M, seed=int(inp.seed), backend="torch")
-    assert torch.equal(ours, ref)
+    torch.manual_seed(5)
+    eager = make_loss_fn("torch-eager", head, shape, inp, "default").fn(inp)
+    torch.manual_seed(5)
+    noise, time_ = torch.randn(shape.N, shape.M, shape.E), torch.rand(shape.N, shape.M)
+    assert torch.equal(eager, sfr_loss(inp.hidden, inp.target, head, num_samples=shape.M, noise=noise, time=time_,
+                                       backend="torch"))
+    philox = make_loss_fn("torch-eager-philox", head, shape, inp, "default").fn(inp)
+    assert torch.equal(philox, sfr_loss(inp.hidden, inp.target, head, num_samples=shape.M, seed=int(inp.seed),
+                                        backend="torch"))
+    assert not torch.equal(eager, philox)  # other random numbers
 
 
 def test_headline_uses_the_fastest_compile_variant():

@@ -2,7 +2,7 @@
 
 The draws are checked at row indices far beyond int32 (``r*E + j > 2**32``), which the end-to-end
 tests cannot reach on a CPU: if any offset were computed in int32 it would wrap and the numbers
-would differ from the int64 Philox layout of DESIGN.md section 2.
+would differ from the int64 Philox layout (docs/design.md, "RNG layout").
 """
 import os
 
@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from sfr_kernels import philox, timestep_features, timestep_frequencies
-from sfr_kernels.flow_draws import flow_point, flow_source, flow_time, time_features
-from sfr_kernels.scatter_rows import scatter_rows_kernel
+from sfr_kernels.flow_draws import draw_flow_inputs, flow_point, flow_source, flow_time, time_features
+from sfr_kernels.reference import TIME_MODES, draw_source, draw_time, flow_path
+from sfr_kernels.scatter_rows import scatter_anchor_rows
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -45,9 +46,10 @@ def _draws_kernel(seed_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, row_base,
     tl.store(feat_ptr + local[:, None] * F + fcols[None, :], feats, mask=row_mask[:, None] & (fcols < F)[None, :])
 
 
-@pytest.mark.parametrize("time_sampling,mode", [("uniform", 1), ("logit_normal", 2), ("zero", 3)])
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal", "zero"])
 @pytest.mark.parametrize("row_base", [0, 2**31 // 3 * 3, 2**34 * 3])
-def test_draws_match_the_rng_layout_at_int64_offsets(time_sampling, mode, row_base):
+def test_draws_match_the_rng_layout_at_int64_offsets(time_sampling, row_base):
+    mode = TIME_MODES[time_sampling]
     m, e, f, num_rows, std, mean, tstd = 3, 37, 12, 24, 0.7, 0.3, 1.4
     seed = torch.tensor(2**33 + 17)
     target = torch.randn(num_rows // m, e)
@@ -74,13 +76,30 @@ def test_draws_match_the_rng_layout_at_int64_offsets(time_sampling, mode, row_ba
     torch.testing.assert_close(feats, timestep_features(s, freq), rtol=0, atol=1e-5)
 
 
-def _scatter(src, index, num_rows, scale, block_d):
-    out = torch.zeros(num_rows, src.shape[1], dtype=src.dtype)
-    sorted_index, order = torch.sort(index, stable=True)
-    scatter_rows_kernel[(index.numel(), triton.cdiv(src.shape[1], block_d))](
-        src, sorted_index, order, out, torch.tensor(scale, dtype=torch.float32), index.numel(), src.shape[1],
-        BLOCK_D=block_d)
-    return out
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("explicit_time", [False, True])
+def test_flow_inputs_are_the_head_input_of_the_reference(dtype, explicit_time):
+    """X = [x_s | e_s] of every row, rounded to the head's dtype where the reference rounds it: x_s from
+    float32, the features of s rounded to the head's dtype (odd E and F: masked tails). Uniform time
+    (bit-exact in the Philox port) or an explicit time."""
+    n, m, e, f = 7, 3, 37, 10
+    seed, std = torch.tensor(5), 0.9
+    target = torch.randn(n, e)
+    freq = timestep_frequencies(f).to(dtype)
+    s = torch.rand(n, m) if explicit_time else draw_time(seed, n, m, "uniform", "cpu")
+    mode = TIME_MODES["explicit" if explicit_time else "uniform"]
+    x = draw_flow_inputs(seed, None, s if explicit_time else None, target, freq, m, std, mode, 0.0, 1.0, dtype,
+                         dict(BLOCK_R=16, BLOCK_E=16, BLOCK_F=16))
+    x0 = draw_source(seed, n, m, e, std, "cpu")
+    x_s, _ = flow_path(x0, target, s)
+    assert x.shape == (n * m, e + f) and x.dtype == dtype
+    torch.testing.assert_close(x[:, :e], x_s.reshape(n * m, e).to(dtype), rtol=0, atol=2e-6)
+    features = timestep_features(s.reshape(-1).to(dtype), freq).to(dtype)
+    torch.testing.assert_close(x[:, e:], features, rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-3)
+
+
+def _scatter(src, index, num_rows, block_d):
+    return scatter_anchor_rows(src, index, torch.empty(num_rows, src.shape[1], dtype=src.dtype), dict(BLOCK_D=block_d))
 
 
 def test_scatter_rows_accumulates_duplicates_deterministically():
@@ -88,10 +107,10 @@ def test_scatter_rows_accumulates_duplicates_deterministically():
     src = torch.randn(n, d)
     index = torch.randint(0, num_rows, (n,))
     index[:5] = 3  # a long run of one destination
-    out = _scatter(src, index, num_rows, 0.5, block_d=32)  # 3 column tiles, the last one partial
-    expected = torch.zeros(num_rows, d, dtype=torch.float64).index_add_(0, index, src.double()) * 0.5
+    out = _scatter(src, index, num_rows, block_d=32)  # 3 column tiles, the last one partial
+    expected = torch.zeros(num_rows, d, dtype=torch.float64).index_add_(0, index, src.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
     missing = torch.ones(num_rows, dtype=torch.bool)
     missing[index] = False
     assert torch.equal(out[missing], torch.zeros_like(out[missing]))
-    assert torch.equal(out, _scatter(src, index, num_rows, 0.5, block_d=32))
+    assert torch.equal(out, _scatter(src, index, num_rows, block_d=32))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sfr import FlowHead
-from sfr_kernels import fused_loss, sfr_loss
+from sfr_kernels import fused_loss, head_support, launch, sfr_loss
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -33,7 +33,7 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 @pytest.fixture(autouse=True)
 def _poison_buffers(monkeypatch):
-    monkeypatch.setenv(fused_loss.DEBUG_ENV, "1")
+    monkeypatch.setenv(launch.DEBUG_ENV, "1")
 
 
 def make_head(d, e, width=32, depth=2, time_features=16, seed=0):
@@ -299,7 +299,7 @@ def test_unsupported_heads_fall_back_with_one_warning(variant):
     hidden, target = torch.randn(n, d, dtype=dtype), torch.randn(n, e, dtype=dtype)
     if variant == "target_grad":
         target.requires_grad_(True)
-    fused_loss._warned.clear()
+    head_support._warned.clear()
     with pytest.warns(UserWarning, match="falling back to the PyTorch reference"):
         loss = sfr_loss(hidden, target, head, seed=1, backend="triton")
     with _no_warnings():  # once only
@@ -326,13 +326,13 @@ def _no_warnings():
 
 
 def test_supported_head_has_no_fallback_reason():
-    assert fused_loss.unsupported_head_reason(make_head(12, 10, width=16, time_features=8)) is None
+    assert head_support.unsupported_head_reason(make_head(12, 10, width=16, time_features=8)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_heads_take_the_fused_path(dtype):
     # head.to(dtype) also casts the time_frequencies buffer; the kernels must not fall back for it.
-    assert fused_loss.unsupported_head_reason(make_head(12, 10, width=16, time_features=8).to(dtype)) is None
+    assert head_support.unsupported_head_reason(make_head(12, 10, width=16, time_features=8).to(dtype)) is None
 
 
 def test_rounded_time_frequencies_are_read_as_the_reference_reads_them():
@@ -341,7 +341,7 @@ def test_rounded_time_frequencies_are_read_as_the_reference_reads_them():
     n, m, d, e = 7, 2, 12, 10
     head = make_head(d, e, width=16, time_features=16)
     head.time_frequencies = head.time_frequencies.to(torch.bfloat16)
-    assert fused_loss.unsupported_head_reason(head) is None
+    assert head_support.unsupported_head_reason(head) is None
     assert_matches_reference(torch.randn(n, d), torch.randn(n, e), head, num_samples=m, seed=12)
 
 
@@ -393,15 +393,19 @@ def test_torch_compile_matches_eager(compile_backend):
     torch.testing.assert_close(new_loss, loss_and_grads(model)[0], rtol=0, atol=0)
 
 
-def test_library_op_registration_is_consistent():
-    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree."""
-    n, m, d, e = 4, 2, 12, 10
-    head = make_head(d, e, width=16, time_features=8)
+def _op_args(head, hidden, target, anchor_index=None, m=2, grad_scale=1.0):
     layers = list(head.hidden_layers)
-    args = (torch.randn(n, d, requires_grad=True), torch.randn(n, e), None, torch.tensor(3), None, None, None,
+    return (hidden, target, anchor_index, torch.tensor(3), None, None, None,
             head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
             [w.weight for w in layers], [w.bias for w in layers], head.out.weight, head.out.bias,
-            m, 1.0, "uniform", 0.0, 1.0, "mean", 1.0, True, True)
+            m, 1.0, "uniform", 0.0, 1.0, "mean", grad_scale, True, True)
+
+
+def test_library_op_registration_is_consistent():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree."""
+    n, d, e = 4, 12, 10
+    head = make_head(d, e, width=16, time_features=8)
+    args = _op_args(head, torch.randn(n, d, requires_grad=True), torch.randn(n, e))
     torch.library.opcheck(fused_loss.fused_sfr_loss_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
@@ -409,10 +413,8 @@ def test_library_op_registration_is_consistent():
     index = torch.tensor([0, 2, 2, 5])
     hidden = torch.randn(3, 2, d)
     with torch.no_grad():
-        _, zs, grad_v, d_out_w, d_out_b = fused_loss.fused_sfr_loss_op(hidden, *args[1:2], index, *args[3:])
-    backward_args = (torch.tensor(1.5), hidden, args[1], index, args[3], None, None, zs, grad_v, d_out_w, d_out_b,
-                     head.cond.weight, head.in_x.weight, head.in_t.weight, head.out.weight, head.time_frequencies,
-                     [w.weight for w in layers], m, 1.0, "uniform", 0.0, 1.0, 0.5, True)
+        _, *saved = fused_loss.fused_sfr_loss_op(*_op_args(head, hidden, args[1], index, grad_scale=0.5))
+    backward_args = (torch.tensor(1.5), hidden, index, head.cond.weight, saved, e, 0.5, True, True)
     torch.library.opcheck(fused_loss.fused_sfr_loss_backward_op, backward_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -428,39 +430,33 @@ def test_tf32_is_read_under_torch_new_precision_api():
     head = make_head(d, e, width=16, time_features=8)
     try:
         torch.backends.fp32_precision = "tf32"
-        assert fused_loss._dot_precision(torch.float32) == "tf32"
-        assert fused_loss._dot_precision(torch.bfloat16) == "tf32"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        assert launch.dot_precision(torch.bfloat16) == "tf32"
         loss = sfr_loss(torch.randn(n, d), torch.randn(n, e), head, num_samples=2, seed=1, backend="triton")
         assert torch.isfinite(loss)
         torch.backends.fp32_precision = "ieee"
-        assert fused_loss._dot_precision(torch.float32) == "ieee"
+        assert launch.dot_precision(torch.float32) == "ieee"
     finally:
         torch.backends.fp32_precision, matmul.fp32_precision = saved
-    assert fused_loss._dot_precision(torch.float32) == ("tf32" if matmul.allow_tf32 else "ieee")
+    assert launch.dot_precision(torch.float32) == ("tf32" if matmul.allow_tf32 else "ieee")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fake_kernels_promise_the_real_shapes_dtypes_and_strides(dtype):
     """Inductor trusts the fake kernels' strides: with a transposed (non-contiguous) hidden the real ops
-    return contiguous gradients, and so must the fakes. float16 heads keep g_v, dW_o, db_o in float32.
-    (float16 runs in the interpreter; bfloat16 does not: DESIGN.md section 5.)"""
-    n, m, d, e = 6, 2, 12, 10
+    return contiguous gradients, and so must the fakes. The forward's saved gradients are float32.
+    (float16 runs in the interpreter; bfloat16 does not: docs/design.md, "Testing".)"""
+    n, d, e = 6, 12, 10
     head = make_head(d, e, width=16, time_features=8).to(dtype)
     hidden = torch.randn(d, n).to(dtype).t()  # [n, d], strides (1, n)
-    layers = list(head.hidden_layers)
-    common = (head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
-              [w.weight for w in layers], [w.bias for w in layers], head.out.weight, head.out.bias)
-    forward_args = (hidden, torch.randn(n, e), None, torch.tensor(3), None, None, None, *common,
-                    m, 1.0, "uniform", 0.0, 1.0, "mean", 1.0, True, True)
+    forward_args = _op_args(head, hidden, torch.randn(n, e))
     real = fused_loss.fused_sfr_loss_op(*forward_args)
     fake = fused_loss._fused_sfr_loss_fake(*forward_args)
-    _, zs, grad_v, d_out_w, d_out_b = real
-    assert grad_v.dtype == d_out_w.dtype == d_out_b.dtype == (torch.float32 if dtype == torch.float16 else dtype)
-    backward_args = (torch.tensor(1.0), hidden, forward_args[1], None, torch.tensor(3), None, None, zs, grad_v,
-                     d_out_w, d_out_b, head.cond.weight, head.in_x.weight, head.in_t.weight, head.out.weight,
-                     head.time_frequencies, [w.weight for w in layers], m, 1.0, "uniform", 0.0, 1.0, 1.0, True)
+    assert all(t.dtype == torch.float32 for t in real[1:])
+    backward_args = (torch.tensor(1.0), hidden, None, head.cond.weight, real[1:], e, 1.0, True, True)
     real_backward = fused_loss.fused_sfr_loss_backward_op(*backward_args)
     fake_backward = fused_loss._fused_sfr_loss_backward_fake(*backward_args)
+    assert len(real) == len(fake) and len(real_backward) == len(fake_backward)
     for got, promised in zip([*real, *real_backward], [*fake, *fake_backward]):
         assert (got.shape, got.dtype, got.stride()) == (promised.shape, promised.dtype, promised.stride())
     assert real_backward[0].shape == hidden.shape and real_backward[0].is_contiguous()
@@ -485,3 +481,24 @@ def test_float16_head_under_a_loss_scale_is_as_accurate_as_the_float16_reference
         theirs_err = (theirs[name].float() - ref).abs().max()
         assert torch.isfinite(ours[name]).all(), name
         assert ours_err <= 2 * theirs_err + 1e-3 * ref.abs().max(), (name, float(ours_err), float(theirs_err))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tiles_compute_the_reference(monkeypatch, dtype):
+    """The GPU's launch configuration (128-row tiles, split epilogues, split-row weight gradients), run on
+    the CPU by the interpreter: the tiles a GPU runs compute the same numbers (float16 against the float16
+    reference: the same test as on a GPU, in the precision the interpreter gets right)."""
+    monkeypatch.setenv(launch.TILES_ENV, "gpu")
+    n, m, d, e = 70, 2, 24, 136  # 140 rows: two row tiles, the second partial; E: a partial column tile
+    head = make_head(d, e, width=48, time_features=16).to(dtype)
+    hidden, target = torch.randn(n, d).to(dtype), torch.randn(n, e).to(dtype)
+    if dtype == torch.float32:
+        assert_matches_reference(hidden, target, head, num_samples=m, seed=4, grad_scale=0.5)
+        return
+    exact = copy.deepcopy(head).float()
+    _, ref = run("torch", hidden.float(), target.float(), exact, num_samples=m, seed=4)
+    _, ours = run("triton", hidden, target, head, num_samples=m, seed=4)
+    _, theirs = run("torch", hidden, target, copy.deepcopy(head), num_samples=m, seed=4)
+    for name, r in ref.items():
+        ours_err, theirs_err = (ours[name].float() - r).abs().max(), (theirs[name].float() - r).abs().max()
+        assert ours_err <= 2 * theirs_err + 1e-3 * r.abs().max(), (name, float(ours_err), float(theirs_err))

@@ -1,0 +1,126 @@
+"""The head's SiLU layers as GEMMs with fused epilogues: forward, and the input-gradient chain.
+
+Forward (``linear_silu_kernel``), for a layer with weight ``W`` [Nout, K]::
+
+    z = A W^T + bias          A [R, K]; bias [Nout] or, per anchor, c [N, Nout] read at row a = r // M
+    a = silu(z)               both written, in the head's dtype; silu is evaluated once per element
+
+The first layer is ``A = X = [x_s | e_s]``, ``W = [W_x | W_t]`` and the per-anchor bias ``c = W_c h +
+b_c`` (the conditioning, shared by the M rows of an anchor); hidden layer k is ``A = a_k``,
+``W = W_k``, ``bias = b_k``. ``z`` is kept for the gradient chain, ``a`` feeds the next GEMM.
+
+Input-gradient chain (``linear_silu_backward_kernel``), for the layer after ``z``::
+
+    dz = (dY W) * silu'(z)    dY [R, Nout] the gradient of that layer's output, W [Nout, Nz]
+    a  = silu(z)              optionally: the activation the weight gradient needs, rebuilt
+                              from the same sigmoid (one exp per element gives both)
+
+``silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))``. ``dz`` and ``a`` may be written over ``z`` (each
+program reads its own tile of ``z`` before writing it, and no other program reads that tile), which
+is how the fused op keeps one ``[R, Hd]`` buffer per layer alive. Both kernels are one
+``matmul_tile`` (float32 accumulation) plus an epilogue in registers.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from sfr_kernels.matmul import grouped_tile, matmul_tile
+
+
+@triton.jit
+def fast_sigmoid(z):
+    """``1 / (1 + exp(-z))`` with the GPU's fast division (``div.full.f32``, 2 ulp) instead of the IEEE one,
+    whose denormal slow path costs a dozen instructions and a branch per element; float32."""
+    return tl.fdiv(1.0, 1.0 + tl.exp(-z))
+
+
+@triton.jit
+def linear_silu_kernel(
+    a_ptr, w_ptr, bias_ptr, z_ptr, act_ptr, R, NOUT, K, M, stride_a, stride_w, stride_bias,
+    BIAS_PER_ANCHOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of ``z = A W^T + bias`` and ``a = silu(z)``; 1-D grid over the tiles."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), R, NOUT, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < R
+    col_mask = cols < NOUT
+    acc = matmul_tile(a_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_a, 1, 1, stride_w,
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    if BIAS_PER_ANCHOR:  # c[a] of the row's anchor a = r // M
+        bias = tl.load(bias_ptr + (rows // M)[:, None] * stride_bias + cols[None, :], mask=mask, other=0.0)
+    else:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    out_dtype = z_ptr.dtype.element_ty
+    z = (acc + bias.to(tl.float32)).to(out_dtype)  # the head's pre-activation, in its dtype
+    offsets = rows[:, None] * NOUT + cols[None, :]
+    tl.store(z_ptr + offsets, z, mask=mask)
+    zf = z.to(tl.float32)
+    tl.store(act_ptr + offsets, (zf * fast_sigmoid(zf)).to(out_dtype), mask=mask)
+
+
+@triton.jit
+def linear_silu_backward_kernel(
+    dy_ptr, w_ptr, z_ptr, dz_ptr, act_ptr, R, NZ, K, stride_dy, stride_w,
+    STORE_ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One tile of ``dz = (dY W) * silu'(z)`` (and ``a = silu(z)``); 1-D grid over the [R, NZ] tiles."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), R, NZ, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < R
+    col_mask = cols < NZ
+    acc = matmul_tile(dy_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_dy, 1, stride_w, 1,
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+
+    # The epilogue works on the two column halves in turn: half the registers are live at a time.
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    half_cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _silu_grad_store(left, rows, half_cols, row_mask, NZ, z_ptr, dz_ptr, act_ptr, STORE_ACTIVATION)
+    _silu_grad_store(right, rows, half_cols + BLOCK_N // 2, row_mask, NZ, z_ptr, dz_ptr, act_ptr, STORE_ACTIVATION)
+
+
+@triton.jit
+def _silu_grad_store(acc, rows, cols, row_mask, NZ, z_ptr, dz_ptr, act_ptr, STORE_ACTIVATION: tl.constexpr):
+    """Stores ``dz = acc * silu'(z)`` (and ``silu(z)``) for the columns ``cols`` of the rows ``rows``."""
+    mask = row_mask[:, None] & (cols < NZ)[None, :]
+    offsets = rows[:, None] * NZ + cols[None, :]
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # read before anything is written over it
+    sig = fast_sigmoid(z)
+    tl.store(dz_ptr + offsets, (acc * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
+    if STORE_ACTIVATION:
+        tl.store(act_ptr + offsets, (z * sig).to(act_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(rows: int, cols: int, config: dict) -> tuple[int]:
+    return (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(cols, config["BLOCK_N"]),)
+
+
+def linear_silu(a, weight, bias, z_out, samples_per_anchor, precision, config) -> torch.Tensor:
+    """Launch :func:`linear_silu_kernel`: writes ``z_out = a W^T + bias`` [R, Nout], returns ``silu(z_out)``.
+
+    ``bias`` is ``[Nout]``, or ``[N, Nout]`` (one row per anchor, ``R = N * samples_per_anchor``).
+    """
+    rows, k = a.shape
+    nout = weight.shape[0]
+    act = torch.empty_like(z_out)
+    if rows:
+        linear_silu_kernel[_grid(rows, nout, config)](
+            a, weight, bias, z_out, act, rows, nout, k, samples_per_anchor, a.stride(0), weight.stride(0),
+            bias.stride(0), BIAS_PER_ANCHOR=bias.dim() == 2, DOT_PRECISION=precision, **config)
+    return act
+
+
+def linear_silu_backward(dy, weight, z, dz_out, precision, config, act_out=None) -> None:
+    """Launch :func:`linear_silu_backward_kernel`: ``dz_out = (dy W) * silu'(z)`` [R, Nz]; with
+    ``act_out``, also ``act_out = silu(z)``. ``dz_out`` or ``act_out`` may be ``z`` itself (in place)."""
+    rows, k = dy.shape
+    nz = weight.shape[1]
+    if rows:
+        linear_silu_backward_kernel[_grid(rows, nz, config)](
+            dy, weight, z, dz_out, act_out if act_out is not None else dz_out, rows, nz, k, dy.stride(0),
+            weight.stride(0), STORE_ACTIVATION=act_out is not None, DOT_PRECISION=precision, **config)
