@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialogue.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     dialogue.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     dialogue.add_argument("--limit", type=_positive_int, default=None,
-                          help="use only the first N unique prompts (default: all)")
+                          help="use only N unique prompts, spread over personas and conversations (chosen "
+                               "with --seed) (default: all)")
     dialogue.add_argument("--batch-size", type=_positive_int, default=16,
                           help="sequences per generate call (default %(default)s)")
     dialogue.add_argument("--seed", type=int, default=0,
