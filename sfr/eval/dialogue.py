@@ -578,8 +578,9 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
                                       model=(model, tokenizer) if heldout_nll else None, batch_size=batch_size,
                                       progress=progress)
         results[name]["backend"] = chosen
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # the model's outputs
         results[name]["language_warnings"] = language_warnings(
-            results[name], references_nll, len(tokenizer) if tokenizer is not None else None)
+            results[name], references_nll, vocab_size or (len(tokenizer) if tokenizer is not None else None))
         all_samples[name] = [{"messages": p.messages, "replies": r} for p, r in zip(prompts, replies)]
         if not isinstance(entry, (tuple, list)):
             del model
