@@ -77,8 +77,8 @@ CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
 UNSHARE_NETWORK = (CLONE_NEWNET, CLONE_NEWUSER | CLONE_NEWNET)
 NO_ISOLATION = ("no isolating sandbox for generated code here: bubblewrap is not installed or not usable "
                 "(apt-get install bubblewrap) and this process cannot create a network namespace; to run "
-                "the programs anyway with rlimits only (they can reach the network and this user's files), "
-                "opt in with --sandbox rlimit (Python: mode='rlimit')")
+                "the programs anyway with rlimits only, network access included, opt in with --sandbox "
+                "rlimit (Python: mode='rlimit')")
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def _backend(mode: str) -> _Backend:
     elif backend.mode == "rlimit":
         _warn_once("rlimit-network", "sandbox: --sandbox rlimit without a network namespace (none can be "
                    "created here): generated code runs with rlimits only and CAN open network connections "
-                   "and write this user's files. Install bubblewrap for isolation (apt-get install bubblewrap).")
+                   "(and has no file-system isolation). Install bubblewrap for isolation (apt-get install bubblewrap).")
     if backend.uid is None and os.geteuid() == 0:
         _warn_once("root", "sandbox: running generated code as root (could not run it as 'nobody'); "
                    "the process-count limit is not enforced for root")
