@@ -120,7 +120,7 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
     assert results["settings"]["style_classes"] == 2 and results["settings"]["style_chance"] == 0.5
     # the reference model is the model itself here: its NLL of the references is the held-out NLL
     assert results["settings"]["reference_nll_of_references"] == pytest.approx(metrics["heldout_nll"], rel=1e-6)
-    # the untrained tiny LM does not model language (held-out NLL near ln 2048): its replies are flagged
+    # the untrained tiny LM does not model language (held-out NLL near ln V): its replies are flagged
     assert metrics["heldout_nll"] > 0.7 * math.log(model.config.vocab_size)
     assert any("uniform guess" in warning for warning in metrics["language_warnings"])
     assert len(results["samples"]["tiny"]) == 2
