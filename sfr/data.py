@@ -299,6 +299,49 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+def excerpt(line: str, at: int, before: int = 50, after: int = 20) -> str:
+    """The part of ``line`` around position ``at`` (where a parser gave up), for an error message:
+    mostly what comes before it, since the fault (a missing quote or comma) lies at or before that
+    point; "…" marks a cut."""
+    line = line.rstrip("\r\n")
+    start, end = max(0, at - before), min(len(line), at + after)
+    return ("…" if start > 0 else "") + line[start:end] + ("…" if end < len(line) else "")
+
+
+def _json_error(source, where: str, line: str, error: json.JSONDecodeError) -> ValueError:
+    complaint = error.msg.removesuffix(" at")  # "Unterminated string starting at", ...
+    return ValueError(f"{source}: {where} ({complaint}): {excerpt(line, error.colno - 1)}")
+
+
+def parse_json_lines(lines, source) -> tuple[list, list[int]]:
+    """The records of JSON lines (blank lines skipped) and the 1-based line number of each.
+
+    A line that is not JSON is a ``ValueError`` naming ``source``, the line number, the parser's
+    complaint and an excerpt of the line up to where the parser gave up (rather than a column number).
+    """
+    records, line_numbers = [], []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise _json_error(source, f"line {line_number} is not valid JSON", line, error) from None
+        line_numbers.append(line_number)
+    return records, line_numbers
+
+
+def parse_json(text: str, source):
+    """``json.loads(text)``; invalid JSON is a ``ValueError`` naming ``source``, the line where the
+    parser gave up, its complaint and an excerpt of that line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        lines = text.splitlines()
+        line = lines[error.lineno - 1] if error.lineno <= len(lines) else ""
+        raise _json_error(source, f"invalid JSON near line {error.lineno}", line, error) from None
+
+
 def _load_file(path: Path) -> tuple[list, list[int] | None]:
     """The records of a data file and, for JSONL, the line number of each (None otherwise)."""
     name = path.name.lower()
@@ -308,25 +351,11 @@ def _load_file(path: Path) -> tuple[list, list[int] | None]:
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f)), None
     if name.endswith((".jsonl", ".jsonl.gz")):
-        records, line_numbers = [], []
         with _open_text(path) as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                    line_numbers.append(line_number)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {line_number} is not valid JSON ({error.msg} at column "
-                                     f"{error.colno})") from None
-        return records, line_numbers
+            return parse_json_lines(f, path)
     if name.endswith((".json", ".json.gz")):
         with _open_text(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: invalid JSON at line {error.lineno} column {error.colno} "
-                                 f"({error.msg})") from None
+            data = parse_json(f.read(), path)
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):

@@ -467,7 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"per reply (default {FULL.max_new_tokens}; {QUICK.max_new_tokens} with --quick)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
     parser.add_argument("--limit", type=int, default=None,
-                        help=f"evaluate only the first N eval prompts (default all 18; {QUICK.limit} with --quick)")
+                        help=f"evaluate only N eval prompts, spread over the personas (default all 18; {QUICK.limit} with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                         help="where to train and sample (default cpu)")
     parser.add_argument("--no-diagnose", action="store_true", help="skip the Lock/Fork diagnostics of the SFR model")

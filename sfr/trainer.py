@@ -595,6 +595,9 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
     if isinstance(model, SFRModel):
         sfr_model = model
     else:
+        # The head's random init, seeded by --seed: the Trainer seeds only when it is built (after the
+        # model), and torch's own start-up seed differs from process to process.
+        torch.manual_seed(args.seed)
         sfr_model = SFRModel.from_backbone(
             backbone, embed_dim, objective=args.objective,
             sfr_config=args.sfr_config(find_lm_head(backbone).weight.shape[1], embed_dim),

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialogue.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     dialogue.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     dialogue.add_argument("--limit", type=_positive_int, default=None,
-                          help="use only the first N unique prompts (default: all)")
+                          help="use only N unique prompts, spread over personas and conversations (chosen "
+                               "with --seed) (default: all)")
     dialogue.add_argument("--batch-size", type=_positive_int, default=16,
                           help="sequences per generate call (default %(default)s)")
     dialogue.add_argument("--seed", type=int, default=0,
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code = sub.add_parser(
         "code", help="pass@k on HumanEval / MBPP with generated programs run in a sandbox",
         description="Sample --n completions per problem of a HumanEval (.jsonl[.gz]) or MBPP sanitized (.json) file, "
-                    "run each program with its tests in a sandbox (bubblewrap when usable, else rlimits), and "
+                    "run each program with its tests in a sandbox (bubblewrap when usable, else rlimits without network), and "
                     "report unbiased pass@k. Writes results.json, report.md and pass_at_k.png to --out.")
     code.add_argument("--model", action="append", required=True, metavar="DIR",
                       help="model directory, hub id or 'sfr-tiny'; repeat to compare models side by side")
@@ -96,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default %(default)s)")
     code.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3)")
     code.add_argument("--sandbox", choices=("auto", "bwrap", "rlimit"), default="auto",
-                      help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker fallback); "
-                           "auto = bwrap when usable (default %(default)s)")
+                      help="isolation: bwrap (namespaces, read-only root, no network) or rlimit (weaker: rlimits "
+                           "and a network namespace of its own where one can be created, else WITH the network); "
+                           "auto = bwrap when usable, else rlimit without network, else an error (default %(default)s)")
     code.add_argument("--workers", type=_positive_int, default=None, help="programs run in parallel (default: CPUs)")
     code.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
                       help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers "

@@ -32,7 +32,6 @@ prompt and replaces its stub); MBPP ``test_imports + code + asserts``.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -79,14 +78,12 @@ def _read_records(path: Path) -> list[dict]:
             text = path.read_text(encoding="utf-8")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read code data {str(path)!r}: {exc}") from exc
-    stripped = text.lstrip()
-    try:
-        if stripped.startswith("["):
-            records = json.loads(stripped)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is neither a JSON list nor JSON lines: {exc}") from exc
+    from sfr.data import parse_json, parse_json_lines
+
+    if text.lstrip().startswith("["):
+        records = parse_json(text, repr(str(path)))
+    else:
+        records, _ = parse_json_lines(text.splitlines(), repr(str(path)))
     if not records or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{str(path)!r} holds no problem records (expected JSON objects)")
     return records

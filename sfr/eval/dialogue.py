@@ -20,7 +20,7 @@ comparisons between models.
 * **Style fidelity**: a persona classifier (scikit-learn logistic regression; nearest centroid if
   scikit-learn is missing) on sentence embeddings, trained on the *reference* replies labelled by
   their system prompt; its accuracy on the generated replies (does a reply sound like the persona
-  it was asked for?). Needs at least 2 distinct system prompts.
+  it was asked for?), next to chance (:func:`style_baselines`). Needs at least 2 distinct system prompts.
 * **Embedded corpus only** (records whose ``persona`` / ``prompt_id`` are the corpus'): the exact
   style-marker rate (:func:`sfr.corpus.has_style_marker`); mode coverage (fraction of the prompt's
   modes seen), entropy (nats; the corpus' own value is the target, shown as the ``corpus (known)``
@@ -41,6 +41,9 @@ comparisons between models.
     style, whitespace-normalised), and ``on_topic_rate``, the fraction that realise exactly one of the
     prompt's modes.
 
+  Replies that are probably not language are flagged (``language_warnings``, :func:`language_warnings`):
+  their reference-model NLL far above the data's own replies', or a held-out NLL near uniform guessing.
+
   An external judge plugs in as ``judge(prompt_messages, reply) -> float`` (e.g. an LLM judge; ``sfr
   eval dialogue --judge module:function``); its mean is ``judge_score``.
 """
@@ -48,8 +51,11 @@ from __future__ import annotations
 
 import functools
 import gc
+import heapq
 import json
 import math
+import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -98,6 +104,7 @@ class DialoguePrompt:
     persona: str | None = None
     prompt_id: str | None = None
     text: str | None = None
+    conversation: str | None = None  # which conversation it comes from (for spreading --limit over them)
 
     @property
     def system(self) -> str:
@@ -149,8 +156,12 @@ def _read_records(path: Path) -> list[dict]:
         raise ValueError(f"cannot read dialogue data {str(path)!r}: {exc}") from exc
 
 
-def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
-    """Read dialogue data (see the module docstring) into unique prompts (the first ``limit`` if given)."""
+def load_dialogue(path, limit: int | None = None, seed: int = 0) -> list[DialoguePrompt]:
+    """Read dialogue data (see the module docstring) into unique prompts, in file order.
+
+    ``limit``: keep ``limit`` prompts spread over personas (system prompts) and conversations, chosen
+    with ``seed`` (:func:`spread_sample`), rather than the first ones, which in turn-by-turn data
+    such as Persona-Chat are the turns of one or two conversations."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"dialogue data file {str(path)!r} does not exist")
@@ -165,15 +176,47 @@ def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
         messages, text, reference = _split_record(record, where)
         key = json.dumps([messages, text], sort_keys=True)
         if key not in prompts:
-            if limit is not None and len(prompts) >= limit:
-                continue
             persona, prompt_id = record.get("persona"), record.get("prompt_id")
+            # Persona-Chat records name their conversation; otherwise its first non-system message does
+            conversation = record.get("conversation")
+            if conversation is None:
+                conversation = next((m["content"] for m in messages if m["role"] != "system"), text)
             prompts[key] = DialoguePrompt(messages, [], persona if isinstance(persona, str) else None,
-                                          prompt_id if isinstance(prompt_id, str) else None, text)
+                                          prompt_id if isinstance(prompt_id, str) else None, text,
+                                          json.dumps(conversation))
         prompts[key].references.append(reference)
     if not prompts:
         raise ValueError(f"{str(path)!r} holds no conversations")
-    return list(prompts.values())
+    return spread_sample(list(prompts.values()), limit, seed)
+
+
+def spread_sample(prompts: Sequence[DialoguePrompt], limit: int | None, seed: int = 0) -> list[DialoguePrompt]:
+    """``limit`` of ``prompts`` spread as evenly as possible over conversations and personas, in their
+    original order (all of them when ``limit`` is None or not smaller).
+
+    Greedy: each pick is a prompt whose conversation has been picked least so far and, among those,
+    whose persona (system prompt) has; ties are broken by a random order drawn with ``seed``."""
+    if limit is None or len(prompts) <= limit:
+        return list(prompts)
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    per_conversation, per_persona = Counter(), Counter()  # prompts picked so far
+
+    def times_picked(i):
+        return per_conversation[prompts[i].conversation], per_persona[prompts[i].system]
+
+    # heap of (times picked when last seen, rank, index): counts only grow, so a current entry is the minimum
+    heap = [(0, 0, rank, i) for rank, i in enumerate(order)]
+    chosen = []
+    while len(chosen) < limit:
+        conversation_count, persona_count, rank, i = heapq.heappop(heap)
+        if (conversation_count, persona_count) != times_picked(i):
+            heapq.heappush(heap, (*times_picked(i), rank, i))
+            continue
+        chosen.append(i)
+        per_conversation[prompts[i].conversation] += 1
+        per_persona[prompts[i].system] += 1
+    return [prompts[i] for i in sorted(chosen)]
 
 
 def default_encoder_path() -> str:
@@ -410,6 +453,40 @@ def corpus_reference_row(prompts: Sequence[DialoguePrompt]) -> dict | None:
             "style_marker_rate": 1.0, "valid_reply_rate": 1.0, "on_topic_rate": 1.0}
 
 
+def style_baselines(prompts: Sequence[DialoguePrompt], system_labels: dict[str, int] | None) -> dict:
+    """Style accuracy without any style: ``style_chance`` = 1 / classes (a uniform guess) and
+    ``style_majority`` = the share of the scored prompts of the commonest persona (always guessing it)."""
+    labels = [system_labels[p.system] for p in prompts if system_labels and p.system in system_labels]
+    if not labels:
+        return {}
+    return {"style_chance": 1.0 / len(system_labels), "style_majority": max(map(labels.count, set(labels))) / len(labels)}
+
+
+# Replies are flagged as probably not language when (a) under the reference model they cost this many
+# nats/token more than the data's own replies (perplexity 2.7x theirs) or (b) the model's held-out NLL
+# is this fraction of ln(vocabulary size) or more: little better than uniform guessing (a unigram model
+# of English gets about 0.65 ln V with a 50k vocabulary). Heuristics for broken text, not subtle flaws.
+NONLANGUAGE_NLL_MARGIN = 1.0
+NONLANGUAGE_HELDOUT_FRACTION = 0.7
+
+
+def language_warnings(metrics: dict, references_nll: float | None, vocab_size: int | None) -> list[str]:
+    """Why one model's replies are probably not language (see :data:`NONLANGUAGE_NLL_MARGIN`); empty if none."""
+    warnings = []
+    sampled = metrics.get("reference_nll")
+    if sampled is not None and references_nll is not None and sampled - references_nll > NONLANGUAGE_NLL_MARGIN:
+        warnings.append(f"under the reference model its replies cost {sampled:.3g} nats/token, the data's own "
+                        f"replies {references_nll:.3g} (more than {NONLANGUAGE_NLL_MARGIN:g} above)")
+    heldout = metrics.get("heldout_nll")
+    if heldout is not None and vocab_size and vocab_size > 1:
+        uniform = math.log(vocab_size)
+        if heldout >= NONLANGUAGE_HELDOUT_FRACTION * uniform:
+            warnings.append(f"its held-out NLL of the data's replies, {heldout:.3g} nats/token, is "
+                            f"{heldout / uniform:.0%} of a uniform guess over its {vocab_size} tokens "
+                            f"(ln V = {uniform:.3g}): it does not model this text")
+    return warnings
+
+
 def fit_persona_classifier(prompts: Sequence[DialoguePrompt], encoder):
     """Train the persona classifier on the references; ``(classifier, system_labels)`` or ``(None, None)``
     when fewer than 2 system prompts have references."""
@@ -468,7 +545,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
         raise ValueError("models must name at least one model")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {samples!r}")
-    prompts = load_dialogue(data_path, limit)
+    prompts = load_dialogue(data_path, limit, seed)
     if encoder is None or isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)
     classifier, system_labels = fit_persona_classifier(prompts, encoder)
@@ -476,6 +553,11 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
     if reference_model is not None:
         reference = (load_model(reference_model) if isinstance(reference_model, (str, Path))
                      else tuple(reference_model))
+    # the reference model's NLL of the data's own replies: the yardstick of the samples' (is it language?)
+    references_nll = None
+    if reference is not None and all(p.references for p in prompts):
+        references_nll = _mean(_per_prompt_nll(reference[0], reference[1], prompts, [p.references for p in prompts],
+                                               batch_size))
     results, all_samples = {}, {}
     for entry in models:
         if isinstance(entry, (tuple, list)):
@@ -496,6 +578,9 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
                                       model=(model, tokenizer) if heldout_nll else None, batch_size=batch_size,
                                       progress=progress)
         results[name]["backend"] = chosen
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # the model's outputs
+        results[name]["language_warnings"] = language_warnings(
+            results[name], references_nll, vocab_size or (len(tokenizer) if tokenizer is not None else None))
         all_samples[name] = [{"messages": p.messages, "replies": r} for p, r in zip(prompts, replies)]
         if not isinstance(entry, (tuple, list)):
             del model
@@ -506,6 +591,8 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
                     reference_model if isinstance(reference_model, (str, Path)) else type(reference_model[0]).__name__),
                 "style_classifier": None if classifier is None else classifier.kind,
                 "style_classes": 0 if system_labels is None else len(system_labels),
+                **style_baselines(prompts, system_labels),
+                "reference_nll_of_references": references_nll,
                 "personas": len({p.system for p in prompts if p.references}),  # the classifier needs >= 2
                 "corpus_prompts": sum(p.is_corpus for p in prompts),
                 "judge": None if judge is None else getattr(judge, "__qualname__", type(judge).__name__)}

@@ -108,21 +108,30 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
     """``results.json``, ``samples.json``, ``report.md`` and ``metrics.png`` for :func:`evaluate_dialogue`."""
     rows = {name: {k: v for k, v in metrics.items() if k != "per_prompt"} for name, metrics in results["models"].items()}
     columns = dialogue_columns(rows)
+    settings = results.get("settings", {})
+    if settings.get("style_chance") is not None:  # the class count and chance next to the accuracy
+        chance = f" ({settings.get('style_classes')} classes, chance {_fmt(settings['style_chance'])})"
+        columns = [(key, header + chance if key == "style_accuracy" else header) for key, header in columns]
     table_rows = dict(rows)
     if results.get("corpus"):
         table_rows["corpus (known)"] = results["corpus"]
-    settings = results.get("settings", {})
     if settings.get("style_classifier"):
         kind = str(settings["style_classifier"]).replace("_", "-")
         style = (f"Style accuracy: a {kind} persona classifier on sentence embeddings, trained on the data's "
-                 "reference replies. ")
+                 f"reference replies, over {settings.get('style_classes')} personas. ")
+        if settings.get("style_chance") is not None:
+            style += (f"Without any style it would score {_fmt(settings['style_chance'])} by guessing uniformly "
+                      f"and {_fmt(settings.get('style_majority'))} by always guessing the commonest persona of "
+                      "these prompts. ")
     else:  # fit_persona_classifier needs the references of at least 2 system prompts
         style = ("Style accuracy: not computed: the persona classifier needs reference replies from ≥ 2 personas "
                  f"(distinct system prompts) among the prompts, and these prompts have "
                  f"{settings.get('personas', 'fewer than 2')}. ")
     if settings.get("reference_model"):
         reference = (f"reference-model NLL = the samples' NLL/token under `{settings['reference_model']}` "
-                     "(fluency; also rewards bland text); ")
+                     "(fluency; also rewards bland text)"
+                     + (f", {_fmt(settings['reference_nll_of_references'])} for the data's own replies"
+                        if settings.get("reference_nll_of_references") is not None else "") + "; ")
     else:
         reference = "reference-model NLL: not computed (no `--reference-model`); "
     if any(row.get("heldout_nll") is not None for row in rows.values()):
@@ -143,6 +152,10 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
           + "Quality proxies: " + heldout + reference
           + "valid-reply and on-topic rate (embedded corpus only) are exact checks of well-formedness. "
           "See `sfr.eval.dialogue`.", ""]
+    flagged = {name: m["language_warnings"] for name, m in results["models"].items() if m.get("language_warnings")}
+    for name, reasons in flagged.items():
+        md += [f"**Warning: the replies of `{name}` are probably not language** ({'; '.join(reasons)}). Its "
+               "diversity and style numbers then describe noise (random text has distinct-2 near 1).", ""]
     summary = {key: value for key, value in results.items() if key != "samples"}
     files = {"results.json": summary, "report.md": "\n".join(md)}
     if "samples" in results:

@@ -13,13 +13,18 @@ Two isolation modes, chosen by ``mode``:
     is bound back read-only when it lives there). The environment is cleared (``--clearenv``, then a minimal ``PATH``), and
     ``--new-session`` detaches it from the controlling terminal.
 ``"rlimit"`` (fallback when bwrap is missing or unusable; weaker)
-    The program runs in its own session / process group with a cleared environment, a fresh scratch
-    temp directory as its working directory, and a small "shepherd" parent (running as the evaluating
-    user, so a program dropped to ``nobody`` cannot kill it) that is a child sub-reaper and kills every
-    descendant when the program ends, times out, or the evaluating process dies. There is no network
-    or file-system isolation: it can connect to host ports and write wherever its user may, and its
-    scratch dir lives on the host's temp file system (file size is limited per file, not in total).
-    Without root, the program runs as this very user and can signal this user's processes.
+    The program runs in a network namespace of its own (``unshare(CLONE_NEWNET)``; without root, in a
+    new user namespace too), so it sees only a loopback device that is down and cannot connect to the
+    host's ports or any other network; in its own session / process group with a cleared environment,
+    a fresh scratch temp directory as its working directory, and a small "shepherd" parent (running
+    as the evaluating user, so a program dropped to ``nobody`` cannot kill it) that creates the
+    namespace, is a child sub-reaper and kills every descendant when the program ends, times out, or
+    the evaluating process dies. There is no file-system isolation: it can write wherever its user
+    may, and its scratch dir lives on the host's temp file system (file size is limited per file, not
+    in total). Without root, the program runs as this very user and can signal this user's processes.
+    Where no network namespace can be created (no root and no unprivileged user namespaces), an
+    explicit ``mode="rlimit"`` (``--sandbox rlimit``) still runs programs, with a warning, *with* the
+    host's network; ``"auto"`` refuses then (:data:`NO_ISOLATION`).
 
 In both modes, resource limits are set with ``setrlimit`` before any program code runs (by the runner
 script, and in rlimit mode first by the shepherd; inherited by everything the program starts): CPU
@@ -58,117 +63,22 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from sfr.eval.sandbox_scripts import RUNNER, SHEPHERD
+
 MODES = ("auto", "bwrap", "rlimit")
 STATUSES = ("passed", "failed", "timeout", "error")
 NOBODY_UID = 65534
 NOBODY_GID = 65534
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 _TAIL_BYTES = 4096
-
-# Executes the program file as __main__, then prints the token it read from stdin. The token lives
-# only in a local of a function that has not returned, so the program's globals do not hold it.
-LIMITS = r"""
-def _sfr_limit(spec):
-    import resource
-    cpu, memory, file_size, open_files, processes = (int(v) for v in spec.split(","))
-    for which, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
-                              (resource.RLIMIT_FSIZE, file_size, file_size),
-                              (resource.RLIMIT_NOFILE, open_files, open_files),
-                              (resource.RLIMIT_NPROC, processes, processes), (resource.RLIMIT_CORE, 0, 0)):
-        resource.setrlimit(which, (soft, hard))
-"""
-
-RUNNER = LIMITS + r"""
-import os, sys
-_sfr_limit(sys.argv[2])
-def _sfr_run(path):
-    token = sys.stdin.readline().strip()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    sys.stdin = open(0, closefd=False)
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    code = compile(source, path, "exec")
-    exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
-    for stream in (sys.stdout, sys.__stdout__):  # the program may have replaced or closed sys.stdout
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os.write(1, ("\n" + token + "\n").encode())
-_sfr_run(sys.argv[1])
-"""
-
-# rlimit mode only: the program's parent. It runs as the evaluating user (so a program running as
-# 'nobody' cannot signal it), becomes a child sub-reaper (orphans of the program are re-parented to it,
-# so a double fork or a new session cannot escape), drops the program to the given uid/gid, forwards
-# the exit status, and kills every descendant when the program ends, on SIGTERM, when the evaluating
-# process dies (PR_SET_PDEATHSIG) and at a wall-clock backstop (SIGALRM, a few seconds after the
-# timeout). argv: spec, evaluator pid, uid or "-", gid or "-", then the program's command.
-SHEPHERD = LIMITS + r"""
-import ctypes, os, signal, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-spec, evaluator, uid, gid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-_sfr_limit(spec)
-libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-me = os.getpid()
-def children():
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name, "rb") as f:
-                    stat = f.read()
-                if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
-                    found.append(int(name))
-            except (OSError, ValueError):
-                pass
-    return found
-def kill_descendants():
-    for _ in range(200):
-        pids = children()
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.005)
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-def on_term(signum, frame):
-    kill_descendants()
-    os._exit(128 + signum)
-signal.signal(signal.SIGTERM, on_term)
-signal.signal(signal.SIGALRM, on_term)
-signal.alarm(int(spec.split(",")[0]) + 4)
-libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: the evaluator dies -> SIGTERM -> clean up
-if os.getppid() != evaluator:  # it died before the line above
-    on_term(signal.SIGTERM, None)
-child = os.fork()
-if child == 0:
-    try:
-        if uid != "-":
-            os.setgroups([])
-            os.setgid(int(gid))
-            os.setuid(int(uid))
-        os.execv(sys.argv[5], sys.argv[5:])
-    finally:
-        os._exit(127)
-while True:
-    pid, status = os.waitpid(-1, 0)
-    if pid == child:
-        break
-kill_descendants()
-code = os.waitstatus_to_exitcode(status)
-os._exit(code if code >= 0 else 128 - code)
-"""
+# How the rlimit shepherd gets a network namespace, tried in order: CLONE_NEWNET (needs CAP_SYS_ADMIN,
+# e.g. root), then CLONE_NEWUSER | CLONE_NEWNET (unprivileged user namespaces give that capability).
+CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+UNSHARE_NETWORK = (CLONE_NEWNET, CLONE_NEWUSER | CLONE_NEWNET)
+NO_ISOLATION = ("no isolating sandbox for generated code here: bubblewrap is not installed or not usable "
+                "(apt-get install bubblewrap) and this process cannot create a network namespace; to run "
+                "the programs anyway with rlimits only, network access included, opt in with --sandbox "
+                "rlimit (Python: mode='rlimit')")
 
 
 @dataclass(frozen=True)
@@ -230,6 +140,7 @@ class _Backend:
     uid: int | None  # run as this uid (None: as ourselves)
     bwrap: str | None = None
     bwrap_extra: tuple[str, ...] = ()  # optional flags this bwrap accepts
+    netns: bool = False  # rlimit mode: the shepherd puts the program in a new network namespace
 
 
 _BACKENDS: dict[str, _Backend | None] = {}
@@ -311,33 +222,39 @@ def _bwrap_command(backend: _Backend, limits: SandboxLimits, program_path: str, 
 def _probe(mode: str) -> _Backend | None:
     """Find a working (uid, interpreter[, bwrap flags]) for ``mode`` by running a trivial program.
 
-    Candidates in order of preference: as ``nobody`` when root, then as ourselves; the current
-    interpreter, then the system ``python3``; bwrap with the masked host directories, ``--size`` and
-    ``--disable-userns``, then without what an older bwrap (or an interpreter under a masked
-    directory) does not allow."""
+    Candidates in order of preference: rlimit mode in a new network namespace, then without one; as
+    ``nobody`` when root, then as ourselves; the current interpreter, then the system ``python3``;
+    bwrap with the masked host directories, ``--size`` and ``--disable-userns``, then without what an
+    older bwrap (or an interpreter under a masked directory) does not allow."""
     limits = SandboxLimits(timeout=10.0)
     bwrap = shutil.which("bwrap") if mode == "bwrap" else None
     if mode == "bwrap" and bwrap is None:
         return None
     flag_sets = [("mask", "--size", "--disable-userns"), ("mask", "--size"), ("mask",),
                  ("--size", "--disable-userns"), ("--size",), ()] if mode == "bwrap" else [()]
-    for uid in _candidate_uids():
-        for interpreter in _candidate_interpreters():
-            for flags in flag_sets:
-                backend = _Backend(mode, interpreter, uid, bwrap, flags)
-                # a real run, exactly as check_program does it (scratch dir, bind mounts, limits, runner)
-                result = _execute(backend, "import sys\nprint('probe', sys.version_info[0])\n", limits)
-                if result.passed and result.stdout.strip() == "probe 3":
-                    return backend
+    for netns in ((True, False) if mode == "rlimit" else (False,)):
+        for uid in _candidate_uids():
+            for interpreter in _candidate_interpreters():
+                for flags in flag_sets:
+                    backend = _Backend(mode, interpreter, uid, bwrap, flags, netns)
+                    # a real run, exactly as check_program does it (scratch dir, mounts, namespace, limits)
+                    result = _execute(backend, "import sys\nprint('probe', sys.version_info[0])\n", limits)
+                    if result.passed and result.stdout.strip() == "probe 3":
+                        return backend
     return None
 
 
 def _backend(mode: str) -> _Backend:
     backend = _resolve(mode)
-    if backend.mode == "rlimit":
-        _warn_once("rlimit", "sandbox: bubblewrap is not in use; running generated code with rlimits, a "
-                   "separate process group and a cleared environment only (weaker isolation: no network "
-                   "or file-system isolation). Install bubblewrap for real isolation.")
+    if backend.mode == "rlimit" and backend.netns:
+        _warn_once("rlimit", "sandbox: bubblewrap is not in use; running generated code with rlimits in a "
+                   "network namespace of its own (no network), a separate process group and a cleared "
+                   "environment (weaker isolation: no file-system isolation). Install bubblewrap for real "
+                   "isolation (apt-get install bubblewrap).")
+    elif backend.mode == "rlimit":
+        _warn_once("rlimit-network", "sandbox: --sandbox rlimit without a network namespace (none can be "
+                   "created here): generated code runs with rlimits only and CAN open network connections "
+                   "(and has no file-system isolation). Install bubblewrap for isolation (apt-get install bubblewrap).")
     if backend.uid is None and os.geteuid() == 0:
         _warn_once("root", "sandbox: running generated code as root (could not run it as 'nobody'); "
                    "the process-count limit is not enforced for root")
@@ -353,9 +270,12 @@ def _resolve(mode: str) -> _Backend:
             if name not in _BACKENDS:
                 _BACKENDS[name] = _probe(name)
             backend = _BACKENDS[name]
-            if backend is not None:
+            # auto never falls back to a sandbox that leaves the program the network
+            if backend is not None and (mode != "auto" or backend.mode == "bwrap" or backend.netns):
                 break
         else:
+            if mode == "auto":
+                raise RuntimeError(NO_ISOLATION)
             hint = " (install bubblewrap: apt-get install -y bubblewrap)" if "bwrap" in wanted else ""
             raise RuntimeError(f"no usable sandbox for mode={mode!r}{hint}")
     return backend
@@ -373,6 +293,13 @@ def sandbox_available(mode: str) -> bool:
 def sandbox_mode(mode: str = "auto") -> str:
     """The mode that ``mode`` resolves to here ("bwrap" or "rlimit"); RuntimeError if none works."""
     return _resolve(mode).mode
+
+
+def sandbox_isolates_network(mode: str = "auto") -> bool:
+    """True if programs of ``mode`` run without access to any network (bwrap, or rlimit in its own
+    network namespace); RuntimeError if ``mode`` cannot run here."""
+    backend = _resolve(mode)
+    return backend.mode == "bwrap" or backend.netns
 
 
 def sandbox_runs_as_other_user(mode: str = "auto") -> bool:
@@ -475,7 +402,8 @@ def _execute(backend: _Backend, program: str, limits: SandboxLimits) -> ProgramR
             if backend.uid is not None:
                 os.chown(scratch, backend.uid, _gid_of(backend.uid))
             ids = ["-", "-"] if backend.uid is None else [str(backend.uid), str(_gid_of(backend.uid))]
-            argv = ([backend.interpreter, "-I", "-c", SHEPHERD, spec, str(os.getpid()), *ids] + run_argv
+            unshare = ",".join(str(flags) for flags in UNSHARE_NETWORK) if backend.netns else "-"
+            argv = ([backend.interpreter, "-I", "-c", SHEPHERD, spec, str(os.getpid()), *ids, unshare] + run_argv
                     + [program_path, spec])
             cwd = scratch
         return _run(argv, cwd, token, limits, backend)

@@ -106,6 +106,24 @@ def test_load_records_from_files_and_datasets(tmp_path):
         load_records(tmp_path / "saved_dict", split="test")
 
 
+def test_a_malformed_jsonl_line_is_named_with_its_number_and_an_excerpt_not_a_column(tmp_path):
+    # the closing quote of "fine" is missing: the parser complains at the end of the line
+    bad = tmp_path / "bad.jsonl"
+    broken = '{"messages": [{"role": "user", "content": "hi there, how are you"}, {"role": "assistant", "content": "fine}]}'
+    bad.write_text('{"prompt": "a", "completion": "b"}\n\n' + broken + "\n")
+    with pytest.raises(ValueError) as error:
+        load_records(bad)
+    message = str(error.value)
+    assert message.startswith(f"{bad}: line 3 is not valid JSON (")  # blank lines count
+    assert message.endswith('"role": "assistant", "content": "fine}]}') and "column" not in message
+    assert len(message) < len(str(bad)) + 130  # an excerpt, not the whole line
+    long_list = tmp_path / "list.json"
+    long_list.write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": "c" "completion": "d"}]\n')
+    with pytest.raises(ValueError, match=r'list.json: invalid JSON near line 2 \(Expecting .,. delimiter\): '
+                                         r' \{"prompt": "c" "completion": "d"\}\]$'):
+        load_records(long_list)
+
+
 def test_load_records_bad_input_names_the_problem(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):

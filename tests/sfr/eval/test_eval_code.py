@@ -89,6 +89,10 @@ def test_bad_data_is_a_clear_error(tmp_path):
     broken.write_text("[{not json")
     with pytest.raises(ValueError, match="broken.json"):
         load_problems(broken)
+    broken_line = tmp_path / "broken.jsonl"  # a JSON-lines file with a bad third line: that line is named
+    broken_line.write_text("\n".join([json.dumps({"task_id": "a"}), json.dumps({"task_id": "b"}), '{"task_id": "c,}']))
+    with pytest.raises(ValueError, match=r'broken.jsonl.: line 3 is not valid JSON \(.*\): \{"task_id": "c,\}$'):
+        load_problems(broken_line)
     with pytest.raises(ValueError, match="k=10 > n=5"):
         evaluate_code("sfr-tiny", weird, n=5, k=(1, 10))
 

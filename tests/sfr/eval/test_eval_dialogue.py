@@ -95,6 +95,45 @@ def test_load_dialogue_reads_persona_chat_csv(tmp_path):
     assert metrics["distinct_1"] == pytest.approx(1.0)
 
 
+def test_limit_spreads_over_conversations_and_personas_with_a_seed(tmp_path):
+    import csv
+
+    rng = np.random.default_rng()  # fresh data each run: 6 conversations of 5 to 9 turns
+    path = tmp_path / "chats.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user 1 personas", "user 2 personas", "Best Generated Conversation"])
+        for row in range(6):
+            turns = [f"User {1 + t % 2}: line {t} of chat {row} ({rng.integers(10**6)})"
+                     for t in range(int(rng.integers(5, 10)))]
+            writer.writerow([f"I am persona A{row}.", f"I am persona B{row}.", "\n".join(turns)])
+    everything = load_dialogue(path)
+    conversation_of = {id(p): p.messages[1]["content"].split(" of chat ")[1][:1] for p in everything}
+    assert len(set(conversation_of.values())) == 6
+    for limit in (3, 6):
+        chosen = load_dialogue(path, limit)  # the first `limit` turns would all come from chat 0
+        chats = {p.messages[1]["content"].split(" of chat ")[1][:1] for p in chosen}
+        assert len(chosen) == limit and len(chats) == limit and len({p.system for p in chosen}) == limit
+    twelve = load_dialogue(path, 12)  # every persona (2 per chat) once before any gives a second prompt
+    assert sorted(p.system for p in twelve) == sorted(f"I am persona {s}{r}." for s in "AB" for r in range(6))
+    same = [p.references for p in load_dialogue(path, 4, seed=3)]
+    assert same == [p.references for p in load_dialogue(path, 4, seed=3)]  # seeded
+    assert len({tuple(map(tuple, [p.references for p in load_dialogue(path, 4, seed=s)])) for s in range(8)}) > 1
+    order = [p.references for p in everything]
+    assert [order.index(p.references) for p in load_dialogue(path, 5, seed=1)] == sorted(
+        order.index(p.references) for p in load_dialogue(path, 5, seed=1))  # kept in file order
+
+
+def test_language_warnings_flag_replies_far_from_language():
+    from sfr.eval.dialogue import language_warnings
+
+    garbage = language_warnings({"reference_nll": 7.9, "heldout_nll": 7.4}, references_nll=3.1, vocab_size=2048)
+    assert len(garbage) == 2 and "7.9 nats/token" in garbage[0] and "3.1" in garbage[0]
+    assert "97% of a uniform guess over its 2048 tokens" in garbage[1]
+    assert language_warnings({"reference_nll": 3.9, "heldout_nll": 2.1}, references_nll=3.1, vocab_size=2048) == []
+    assert language_warnings({"reference_nll": 9.0, "heldout_nll": None}, references_nll=None, vocab_size=None) == []
+
+
 def test_shared_persona_chat_loads(shared_data):
     path = shared_data / "synthetic-persona-chat" / "test.csv"
     if not path.exists():
@@ -234,6 +273,25 @@ def test_report_says_why_style_accuracy_and_reference_nll_are_missing(tmp_path):
     text = (tmp_path / "b" / "report.md").read_text()
     assert "the samples' NLL/token under `sfr-tiny`" in text and "a logistic-regression persona classifier" in text
     assert "not computed" not in text
+
+
+def test_report_shows_the_class_count_and_chance_next_to_style_accuracy_and_flags_non_language(tmp_path):
+    from sfr.eval.report import write_dialogue_report
+
+    results = _results(style_classifier="logistic_regression", personas=2, style_classes=2, style_chance=0.5,
+                       style_majority=0.6, reference_model="base", reference_nll_of_references=3.25)
+    results["models"]["m"].update(style_accuracy=0.6, reference_nll=8.5,
+                                  language_warnings=["its replies cost 8.5 nats/token"])
+    write_dialogue_report(results, tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert "style accuracy (classifier) ↑ (2 classes, chance 0.5)" in header
+    assert "over 2 personas" in text and "0.5 by guessing uniformly and 0.6 by always guessing" in text
+    assert "3.25 for the data's own replies" in text
+    assert "**Warning: the replies of `m` are probably not language** (its replies cost 8.5 nats/token)" in text
+    results["models"]["m"]["language_warnings"] = []
+    write_dialogue_report(results, tmp_path / "ok")
+    assert "Warning" not in (tmp_path / "ok" / "report.md").read_text()
 
 
 def _eval_parsers():

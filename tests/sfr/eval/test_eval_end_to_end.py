@@ -117,6 +117,12 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
     total, count = reply_nll(model, tokenizer, [MESSAGES[1]], ["BEEP. All systems nominal."])
     assert metrics["per_prompt"]["heldout_nll"][1] == pytest.approx(total / count, rel=1e-5)
     assert metrics["style_accuracy"] is not None and metrics["mode_coverage"] is None  # no corpus labels here
+    assert results["settings"]["style_classes"] == 2 and results["settings"]["style_chance"] == 0.5
+    # the reference model is the model itself here: its NLL of the references is the held-out NLL
+    assert results["settings"]["reference_nll_of_references"] == pytest.approx(metrics["heldout_nll"], rel=1e-6)
+    # the untrained tiny LM does not model language (held-out NLL near ln V): its replies are flagged
+    assert metrics["heldout_nll"] > 0.7 * math.log(model.config.vocab_size)
+    assert any("uniform guess" in warning for warning in metrics["language_warnings"])
     assert len(results["samples"]["tiny"]) == 2
     json.dumps(results)
 
@@ -128,6 +134,7 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert "sfr-tiny" in saved["models"] and (out / "metrics.png").stat().st_size > 0
     assert "| sfr-tiny |" in (out / "report.md").read_text()
+    assert "**Warning: the replies of `sfr-tiny` are probably not language**" in (out / "report.md").read_text()
 
     # Synthetic-Persona-Chat CSV, two models side by side, an external judge from the command line
     import csv

@@ -1,8 +1,8 @@
 """The code sandbox against hostile programs, in every sandbox mode this machine can run.
 
-bwrap mode must contain everything; rlimit mode is documented as weaker (no network or file-system
-isolation; when it runs programs as this very user it cannot protect this user's files or processes),
-and those cases are skipped with the reason.
+bwrap mode must contain everything; rlimit mode is documented as weaker (no file-system isolation, and
+no network isolation where it cannot create a network namespace; when it runs programs as this very
+user it cannot protect this user's files or processes), and those cases are skipped with the reason.
 """
 import os
 import shutil
@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from sfr.eval import check_program
-from sfr.eval.sandbox import SandboxLimits, sandbox_available, sandbox_mode, sandbox_runs_as_other_user
+from sfr.eval import check_program, sandbox
+from sfr.eval.sandbox import (
+    SandboxLimits,
+    sandbox_available,
+    sandbox_isolates_network,
+    sandbox_mode,
+    sandbox_runs_as_other_user,
+)
 
 TIMEOUT = 1.5
 SLACK = 3.0  # start-up and teardown of the sandbox on a busy 2-core machine
@@ -251,10 +257,8 @@ def test_file_size_limit(mode):
     assert "SIGXFSZ" in result.reason or "File too large" in result.reason, result.reason
 
 
-@pytest.mark.parametrize("mode", _modes())
-def test_no_network(mode):
-    if mode == "rlimit":
-        pytest.skip("rlimit mode has no network isolation (known weaker; use bwrap)")
+def _assert_cannot_reach_host_loopback(mode):
+    """A program of ``mode`` cannot connect to a listener on the host's loopback (nothing arrives)."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -264,10 +268,60 @@ def test_no_network(mode):
                    f"    s.connect(('127.0.0.1', {port}))\n    s.sendall(b'pwned')\n    print('connected')\n"
                    f"except OSError as e:\n    print('refused', type(e).__name__)\n")
         result, _ = _run(program + "print('interfaces', sorted(n for _, n in socket.if_nameindex()))\n", mode)
-        assert result.passed and "refused" in result.stdout and "connected" not in result.stdout
+        assert result.passed and "refused" in result.stdout and "connected" not in result.stdout, result
         assert "interfaces ['lo']" in result.stdout  # a network namespace of its own: loopback only
         with pytest.raises(socket.timeout):
             server.accept()  # nothing arrived
+    return result
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_no_network(mode):
+    if not sandbox_isolates_network(mode):
+        pytest.skip(f"{mode} mode cannot create a network namespace here (no root, no user namespaces)")
+    _assert_cannot_reach_host_loopback(mode)
+
+
+@pytest.fixture
+def without_bwrap(monkeypatch, tmp_path):
+    """bubblewrap hidden (a PATH without it) and the probed sandboxes forgotten, as on a machine
+    without bubblewrap; the sandbox runs its interpreter by absolute path, so it needs no PATH."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("bwrap") is None
+    monkeypatch.setattr(sandbox, "_BACKENDS", {})
+    monkeypatch.setattr(sandbox, "_WARNED", set())
+
+
+def test_auto_without_bwrap_cuts_the_network(without_bwrap):
+    if os.geteuid() != 0 and not sandbox_available("auto"):
+        pytest.skip("no root and no unprivileged user namespaces here: auto refuses (see the refusal test)")
+    with pytest.warns(RuntimeWarning, match="network namespace of its own"):
+        result = _assert_cannot_reach_host_loopback("auto")
+    assert result.sandbox == "rlimit" and sandbox_isolates_network("auto")
+
+
+def test_auto_refuses_when_no_isolation_is_possible(without_bwrap, monkeypatch):
+    # unshare(0x1) fails (EINVAL) as creating a network namespace does where it is not allowed
+    monkeypatch.setattr(sandbox, "UNSHARE_NETWORK", (0x1,))
+    with pytest.raises(RuntimeError) as refused:
+        check_program("print(1)\n", timeout=TIMEOUT)
+    message = str(refused.value)
+    assert "\n" not in message and "apt-get install bubblewrap" in message and "--sandbox rlimit" in message
+    assert not sandbox_available("auto")
+    # the explicit opt-in still runs programs, says loudly that they have the network, and is reported
+    with pytest.warns(RuntimeWarning, match="CAN open network connections"):
+        result = check_program("print('ran')\n", timeout=TIMEOUT, mode="rlimit")
+    assert result.passed and result.stdout.strip() == "ran" and result.sandbox == "rlimit"
+    assert not sandbox_isolates_network("rlimit")
+
+
+def test_eval_code_refuses_with_one_line(without_bwrap, monkeypatch, tmp_path, capsys):
+    from sfr.cli import main
+
+    monkeypatch.setattr(sandbox, "UNSHARE_NETWORK", (0x1,))
+    assert main(["eval", "code", "--model", "sfr-tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sfr eval code: error: {sandbox.NO_ISOLATION}"
 
 
 @pytest.mark.parametrize("mode", _modes())
