@@ -64,11 +64,13 @@ def _variants(dtype: str, quick: bool):
                "M": i32, "stride_a": i32, "stride_w": i32, "stride_bias": i32}
         yield (f"{'first layer (c per anchor)' if per_anchor else 'hidden layer (bias)'}", linear_silu_kernel, sig,
                {"BIAS_PER_ANCHOR": per_anchor, "DOT_PRECISION": precision}, configs.layer)
-    for store_activation in (False, True):
-        sig = {"dy_ptr": w, "w_ptr": w, "z_ptr": w, "dz_ptr": w, "act_ptr": w, "R": i32, "NZ": i32, "K": i32,
-               "stride_dy": i32, "stride_w": i32}
-        yield (f"{'with activation' if store_activation else 'dz only'}", linear_silu_backward_kernel, sig,
-               {"STORE_ACTIVATION": store_activation, "DOT_PRECISION": precision}, configs.layer_backward)
+    for store_activation, samples in ((False, 0), (True, 4), (True, 0)):
+        sig = {"dy_ptr": w, "w_ptr": w, "z_ptr": w, "dz_ptr": w, "act_ptr": w, "anchor_sum_ptr": "*fp32", "R": i32,
+               "NZ": i32, "K": i32, "stride_dy": i32, "stride_w": i32}
+        yield (f"{'with activation' if store_activation else 'dz only'}{' + anchor sums (M=4)' if samples else ''}",
+               linear_silu_backward_kernel, sig,
+               {"STORE_ACTIVATION": store_activation, "ANCHOR_SAMPLES": samples, "DOT_PRECISION": precision},
+               configs.layer_backward)
     for explicit, weighted in ((False, False),) if quick else ((False, False), (False, True), (True, False)):
         sig = {"a_ptr": w, "w_ptr": w, "bias_ptr": w, "seed_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": w,
                "weight_ptr": "*fp32", "grad_v_ptr": w, "row_sq_ptr": "*fp32", "R": i32, "E": i32, "K": i32, "M": i32,
@@ -153,13 +155,67 @@ def compile_all(dtypes=("float32", "bfloat16", "float16"), capability: int = 90,
     return results
 
 
+_POINTER = {torch_name: f"*{short}" for torch_name, short in
+            (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32"), ("int64", "i64"), ("int32", "i32"))}
+
+
+def _compile_launch(launch, capability: int):
+    """Compile exactly the variant a recorded launch runs, specialised as the JIT would specialise its
+    arguments (ints equal to 1 become constants, ints and pointers divisible by 16 get the hint)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = launch.kernel
+    options = {k: v for k, v in launch.constexprs.items() if k in ("num_warps", "num_stages")}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = launch.args.get(name)
+        if name in launch.constexprs or value is None or (isinstance(value, int) and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, tuple):  # (shape, dtype, storage id)
+            signature[name] = _POINTER[str(value[1]).replace("torch.", "")]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def model(capability: int = 90) -> str:
+    """The static performance model at the headline shape (``sfr_kernels.perf_model``): a Markdown report."""
+    from sfr_kernels import perf_model
+
+    plan = perf_model.headline_plan()
+    compiled, estimates = {}, []
+    for launch in plan.launches:
+        key = (launch.name, tuple(sorted((k, str(v)) for k, v in launch.constexprs.items())),
+               tuple(sorted((k, str(v)) for k, v in launch.args.items() if not isinstance(v, tuple))))
+        if key not in compiled:
+            kernel = _compile_launch(launch, capability)
+            regs, spills = _ptxas_report(kernel.asm["ptx"], capability)
+            compiled[key] = (perf_model.disassemble(kernel.asm["cubin"]), regs, spills, int(kernel.metadata.shared))
+        estimates.append(perf_model.estimate_launch(launch, *compiled[key]))
+    return perf_model.render_estimate(estimates, plan)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile every fused SFR kernel for a CUDA target (no GPU needed) "
                                                  "and report registers, spills and shared memory.")
     parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     parser.add_argument("--quick", action="store_true", help="one time-sampling variant per kernel only")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"], choices=list(_PTR))
+    parser.add_argument("--model", action="store_true",
+                        help="instead: the static performance model (an ESTIMATE from the SASS) of one forward + "
+                             "backward at the headline shape (N=16384, M=4, D=3584, E=768, width 1024, depth 2, bf16)")
     args = parser.parse_args(argv)
+    if args.model:
+        print(model(args.capability))
+        return 0
     results = compile_all(tuple(args.dtypes), args.capability, args.quick)
     print(f"{'kernel':32s} {'variant':40s} {'regs':>5s} {'spill B':>8s} {'smem B':>8s}")
     for r in results:

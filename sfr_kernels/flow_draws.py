@@ -35,6 +35,13 @@ _LOGIT_NORMAL = tl.constexpr(TIME_MODES["logit_normal"])
 
 
 @triton.jit
+def anchor_of(rows, M):
+    """The anchor ``a = r // M`` of each (int64) row index, as int64. The division is done in int32 (a
+    64-bit one is a ~70-instruction subroutine): rows stay below 2**31, the launcher checks it."""
+    return (rows.to(tl.int32) // M).to(tl.int64)
+
+
+@triton.jit
 def flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE: tl.constexpr):
     """Flow time ``s`` of each row, float32 [BLOCK_R]; the time stream uses key ``seed + 1``."""
     if TIME_MODE == _EXPLICIT:
@@ -114,7 +121,7 @@ def flow_inputs_kernel(
     seed = tl.load(seed_ptr)  # device seed: no host sync, CUDA-graph safe
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    anchors = rows // M
+    anchors = anchor_of(rows, M)
     x_dtype = x_ptr.dtype.element_ty
 
     s = flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)

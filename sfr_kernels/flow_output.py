@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sfr_kernels.flow_draws import flow_source
+from sfr_kernels.flow_draws import anchor_of, flow_source
 from sfr_kernels.matmul import grouped_tile, matmul_tile
 
 
@@ -58,7 +58,7 @@ def _loss_epilogue(acc, rows, cols, row_mask, E, M, w_ptr, bias_ptr, seed, noise
     """``v = acc + b_o``; stores ``g_v`` for the columns ``cols``; returns their ``sum_j (v - u)^2`` per row."""
     col_mask = cols < E
     mask = row_mask[:, None] & col_mask[None, :]
-    anchors = rows // M
+    anchors = anchor_of(rows, M)
     bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     v = (acc + bias[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the head outputs v in its dtype
     x0 = flow_source(seed, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE)

@@ -21,7 +21,7 @@ Forward (``H`` = head dtype; every GEMM accumulates in float32):
  8    ``dz_k = (dz_{k+1} W_k) silu'(z_k)``, ``a_k`` over z_k;   ``flow_layers`` + ``weight_grad``
       ``dW_k = dz_{k+1}^T a_k``, ``db_k = sum dz_{k+1}``
  9    ``[dW_x|dW_t] = dz_1^T X``, ``db_c = sum dz_1``            ``weight_grad``
-10    ``dc = sum_m dz_1`` [N, Hd] float32                       torch
+10    ``dc = sum_m dz_1`` [N, Hd] float32                       step 8's epilogue (M a power of 2)
 ====  ========================================================  =====================================
 
 The gradients of steps 5-10 are *unnormalised*: the loss's global factor ``norm = 1 / (M E
@@ -125,25 +125,28 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
         d_out_w, d_out_b = weight_grad(grad_v, act, precision, configs, bias=True) if need_weight_grads else (empty(), empty())
         del act
         dz = zs[depth - 1]
-        linear_silu_backward(grad_v, out_weight, dz, dz, precision, configs.layer_backward)  # dz_L over z_L
+        dc = linear_silu_backward(grad_v, out_weight, dz, dz, precision, configs.layer_backward,  # dz_L over z_L
+                                  samples_per_anchor=m if depth == 1 else 0)  # dc = sum_m dz_1 for a 1-layer head
         del grad_v
         free = None  # an [R, Hd] buffer no longer needed, reused for the next dz
         d_hidden_w, d_hidden_b = [empty() for _ in range(depth - 1)], [empty() for _ in range(depth - 1)]
         for k in range(depth - 1, 0, -1):
             z = zs[k - 1]
             dz_below = free if free is not None else new_buffer((rows, width), dtype, device)
-            linear_silu_backward(dz, hidden_weights[k - 1], z, dz_below, precision, configs.layer_backward,
-                                 act_out=z if need_weight_grads else None)  # a_k = silu(z_k) over z_k
+            sums = linear_silu_backward(dz, hidden_weights[k - 1], z, dz_below, precision, configs.layer_backward,
+                                        act_out=z if need_weight_grads else None,  # a_k = silu(z_k) over z_k
+                                        samples_per_anchor=m if k == 1 else 0)  # dc = sum_m dz_1
             if need_weight_grads:
                 d_hidden_w[k - 1], d_hidden_b[k - 1] = weight_grad(dz, z, precision, configs, bias=True)
             free, dz = dz, dz_below
+            if k == 1:
+                dc = sums
         del free
         if need_weight_grads:
             d_input, d_cond_b = weight_grad(dz, x, precision, configs, bias=True)
         else:
             d_input, d_cond_b = empty(), empty()
         del x
-        dc = dz.view(n, m, width).sum(dim=1, dtype=torch.float32)  # the M rows of an anchor are contiguous
     return [loss, norm, dc, d_input, d_cond_b, d_out_w, d_out_b, *d_hidden_w, *d_hidden_b]
 
 
@@ -162,18 +165,18 @@ def _fused_backward(grad_loss, hidden, anchor_index, cond_weight, saved, embed, 
     def empty():  # a fresh one each time (outputs of a custom op may not alias), typed as the fake promises
         return cond_weight.new_empty((0,))
 
-    def finish(grad):  # float32, unnormalised -> the parameter's gradient, rounded once
-        return (grad * scale).to(dtype)
+    def finish(grad, factor=scale):  # float32, unnormalised -> grad * factor in the head's dtype, one rounding, one pass
+        return torch.mul(grad, factor, out=torch.empty(grad.shape, dtype=dtype, device=device))
 
     if need_weight_grads:
-        d_cond_w = (dc * scale).to(dtype).t() @ _gather(hidden, anchor_index, dtype)
+        d_cond_w = finish(dc).t() @ _gather(hidden, anchor_index, dtype)
         head_grads = [d_cond_w, finish(d_cond_b), finish(d_input[:, :embed]), finish(d_input[:, embed:]),
                       *[finish(g) for g in d_layers], finish(d_out_w), finish(d_out_b)]
     else:
         head_grads = [empty() for _ in range(5 + 2 * depth_1 + 2)]
     if not need_hidden_grad:
         return [hidden.new_empty((0,)), *head_grads]
-    dh = (dc * (scale * grad_scale)).to(dtype) @ cond_weight  # [N, D]: lambda scales the backbone's gradient only
+    dh = finish(dc, scale * grad_scale) @ cond_weight  # [N, D]: lambda scales the backbone's gradient only
     if anchor_index is None:
         d_hidden = dh.to(hidden.dtype).reshape(hidden.shape)
     else:

@@ -84,28 +84,40 @@ def launch_configs(dtype: torch.dtype = torch.bfloat16, target: str | None = Non
                              scatter=dict(BLOCK_D=256, num_warps=4), min_rows_per_split=32)
     if target != "gpu":
         raise ValueError(f"target (or ${TILES_ENV}) must be 'gpu' or 'interpreter', got {target!r}")
-    inputs = dict(BLOCK_R=32, BLOCK_E=64, BLOCK_F=64, num_warps=4)
+    inputs = dict(BLOCK_R=64, BLOCK_E=64, BLOCK_F=64, num_warps=8)
     scatter = dict(BLOCK_D=256, num_warps=4)
     if dtype == torch.float32:
         gemm = _gemm(64, 64, 32, 4, 3)
         return LaunchConfigs(inputs=inputs, layer=gemm, layer_backward=gemm, output=_gemm(32, 64, 32, 4, 3),
                              weight_grad=gemm, scatter=scatter, min_rows_per_split=2048)
-    return LaunchConfigs(inputs=inputs, layer=_gemm(128, 128, 64, 8, 4), layer_backward=_gemm(128, 128, 64, 8, 4),
-                         output=_gemm(128, 64, 64, 8, 4), weight_grad=_gemm(128, 128, 64, 8, 4), scatter=scatter,
-                         min_rows_per_split=2048)
+    gemm = _gemm(128, 128, 64, 8, 3)  # 96 KiB of pipeline: two programs per SM
+    # The backward layers' epilogue (silu', the activation, the anchor sums) needs more registers: 64-row
+    # tiles keep two programs per SM. The output layer's (x0 regenerated) likewise.
+    return LaunchConfigs(inputs=inputs, layer=gemm, layer_backward=_gemm(64, 128, 64, 4, 4),
+                         output=_gemm(64, 128, 64, 4, 4), weight_grad=gemm, scatter=scatter, min_rows_per_split=2048)
 
 
 def weight_grad_splits(rows: int, tiles: int, config: LaunchConfigs, sm_count: int = 132) -> tuple[int, int]:
-    """``(splits, rows_per_split)`` of a weight gradient's sum over ``rows``: enough programs for about
-    two waves of ``sm_count`` SMs, each summing at least ``config.min_rows_per_split`` rows (a multiple
-    of BLOCK_K). The partial sums are added in a fixed order, so the result does not depend on timing.
+    """``(splits, rows_per_split)`` of a weight gradient's sum over ``rows`` (``tiles`` output tiles).
+
+    The split count that gives the busiest SM the least work: ``ceil(tiles * splits / sm_count) / splits``
+    of one tile's full sum (so the programs fill whole waves), each split summing at least
+    ``config.min_rows_per_split`` rows (a multiple of BLOCK_K), at most 32 splits. The float32 partial
+    sums are added in a fixed order, so the result does not depend on timing.
     """
     block_k = config.weight_grad["BLOCK_K"]
-    wanted = max(1, triton.cdiv(2 * sm_count, max(tiles, 1)))
-    most = max(1, rows // max(config.min_rows_per_split, 1))
-    splits = max(1, min(wanted, most))
+    most = max(1, min(32, rows // max(config.min_rows_per_split, 1)))
+    splits = min(range(1, most + 1), key=lambda s: (triton.cdiv(max(tiles, 1) * s, sm_count) / s, s))
     rows_per_split = block_k * triton.cdiv(triton.cdiv(max(rows, 1), splits), block_k)
     return triton.cdiv(max(rows, 1), rows_per_split), rows_per_split
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132, an H100 SXM's, where there is no GPU: the tiles and
+    grids are the same code either way)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def dot_precision(dtype: torch.dtype) -> str:

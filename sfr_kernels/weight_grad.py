@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sfr_kernels.launch import LaunchConfigs, weight_grad_splits
+from sfr_kernels.launch import LaunchConfigs, sm_count, weight_grad_splits
 from sfr_kernels.matmul import grouped_tile, matmul_tile
 
 
@@ -57,7 +57,7 @@ def weight_grad(dz, a, precision, configs: LaunchConfigs, bias: bool = False):
     nin = a.shape[1]
     config = configs.weight_grad
     tiles = triton.cdiv(nout, config["BLOCK_M"]) * triton.cdiv(nin, config["BLOCK_N"])
-    splits, rows_per_split = weight_grad_splits(rows, tiles, configs)
+    splits, rows_per_split = weight_grad_splits(rows, tiles, configs, sm_count(dz.device))
     partial = torch.empty((splits, nout, nin), dtype=torch.float32, device=dz.device)
     bias_partial = torch.empty((splits, nout) if bias else (0,), dtype=torch.float32, device=dz.device)
     if rows == 0:
