@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int, check_output_dir
 
 MODELS = ("SFT", "SFR")
 OBJECTIVES = {"SFT": "sft", "SFR": "sfr"}
@@ -70,16 +70,12 @@ def demo_settings(quick: bool = False, **overrides) -> DemoSettings:
     base = asdict(QUICK if quick else FULL)
     base.update({k: v for k, v in overrides.items() if v is not None})
     settings = DemoSettings(**base)
-    if isinstance(settings.max_steps, bool) or not isinstance(settings.max_steps, int) or settings.max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {settings.max_steps!r}")
-    if isinstance(settings.samples, bool) or not isinstance(settings.samples, int) or settings.samples < 2:
-        raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {settings.samples!r}")
-    if not isinstance(settings.max_new_tokens, int) or settings.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {settings.max_new_tokens!r}")
+    check_int("max_steps", settings.max_steps)
+    check_int("samples", settings.samples, 2, why=" (diversity needs several replies per prompt)")
+    check_int("max_new_tokens", settings.max_new_tokens)
     if not settings.temperature > 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {settings.temperature!r}")
-    if settings.limit is not None and (not isinstance(settings.limit, int) or settings.limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {settings.limit!r}")
+    check_int("limit", settings.limit, optional=True)
     if settings.device not in ("cpu", "cuda", "auto"):
         raise ValueError(f"device must be cpu, cuda or auto, got {settings.device!r}")
     return settings

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int, check_output_dir
 
 SOLVERS = ("euler", "midpoint")
 
@@ -108,9 +108,7 @@ class DiagnoseConfig:
     def validate(self) -> None:
         """``ValueError`` naming the first bad setting."""
         for name, minimum in (("num_draws", 2), ("steps", 1), ("limit", 1), ("max_length", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, getattr(self, name), minimum)
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sfr.checks import check_int
 from sfr_kernels import timestep_features, timestep_frequencies
 
 
@@ -42,8 +43,7 @@ class FlowHead(nn.Module):
         super().__init__()
         for name, value, minimum in (("hidden_size", hidden_size, 1), ("embed_dim", embed_dim, 1),
                                      ("width", width, 1), ("depth", depth, 1), ("time_features", time_features, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, value, minimum)
         self.hidden_size, self.embed_dim, self.width, self.depth = hidden_size, embed_dim, width, depth
         self.time_features = time_features
         self.cond = nn.Linear(hidden_size, width)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
+from sfr.checks import check_int
 from sfr.config import SFRConfig
 from sfr.head import FlowHead
 from sfr_kernels import sfr_loss
@@ -235,8 +236,7 @@ class SFRModel(nn.Module):
         hidden_size = find_lm_head(backbone).weight.shape[1]
         head = teacher = None
         if config is not None:
-            if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-                raise ValueError(f"embed_dim must be an int >= 1 for objective {objective!r}, got {embed_dim!r}")
+            check_int("embed_dim", embed_dim, why=f" for objective {objective!r}")
             device = find_lm_head(backbone).weight.device
             head = FlowHead(hidden_size=hidden_size, embed_dim=embed_dim, **config.head_kwargs()).to(device)
             if target_source == "ema":

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int, check_output_dir
 from sfr.data import IGNORE_INDEX, load_records, tokenize_example, validate_records
 
 logger = logging.getLogger(__name__)
@@ -292,8 +292,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
     _check_positive_int(batch_size=batch_size)
     num_proc = 1 if num_proc is None else num_proc
     _check_positive_int(num_proc=num_proc)
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+    check_int("max_length", max_length, 2, optional=True)
     check_device(device, "--device")
     if out is not None:  # before the data is loaded and tokenised, not when the rows are written
         out = check_output_dir(out, "--out")

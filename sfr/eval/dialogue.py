@@ -56,6 +56,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sfr.checks import check_int
 from sfr.eval.metrics import distinct_n, embedding_diversity, entropy, mode_statistics, self_bleu
 
 try:  # the embedded corpus' labels; evaluation degrades gracefully without them
@@ -154,8 +155,7 @@ def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"dialogue data file {str(path)!r} does not exist")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_int("limit", limit, optional=True)
     records = _read_records(path)
     prompts: dict[str, DialoguePrompt] = {}
     for number, record in enumerate(records, start=1):
@@ -466,8 +466,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
 
     if not models:
         raise ValueError("models must name at least one model")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {samples!r}")
+    check_int("samples", samples, 2, why=" (diversity needs several replies per prompt)")
     prompts = load_dialogue(data_path, limit)
     if encoder is None or isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)

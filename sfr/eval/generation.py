@@ -12,6 +12,8 @@ import os
 import warnings
 from typing import Sequence
 
+from sfr.checks import check_int
+
 BACKENDS = ("auto", "transformers", "vllm")
 
 
@@ -145,16 +147,13 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
     run is reproducible on the same device. ``backend`` (:func:`resolve_backend`): ``"vllm"`` (or
     ``"auto"`` with vLLM installed, CUDA and ``model`` a name/path) samples with vLLM instead.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("batch_size", batch_size)
     if resolve_backend(backend, model) == "vllm":
         return _sample_vllm(resolve_model_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
     if isinstance(model, (str, os.PathLike)):

@@ -221,7 +221,7 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
     assert "samples must be an int >= 2" in capsys.readouterr().err
     assert main(["demo", "--max-steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()  # failed before writing anything
-    assert "max_steps must be a positive int" in capsys.readouterr().err
+    assert "max_steps must be an int >= 1" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("")
     for out in (afile, afile / "x"):  # checked before training: a one-line error naming the argument
