@@ -3,12 +3,12 @@
 What it does (:func:`run_demo`):
 
 1. Fine-tunes the embedded tiny LM (``sfr-tiny``) on the train split of the embedded persona corpus
-   twice, with :func:`sfr.trainer.train`: once with plain cross-entropy (``objective="sft"``) and once
+   twice, with :func:`sfr.train.train`: once with plain cross-entropy (``objective="sft"``) and once
    with CE + SFR (``objective="sfr"``). Both runs get the very same settings (the
-   :data:`sfr.trainer.TINY_DEFAULTS` of ``sfr train``, the same ``--max-steps``, batch, learning rate,
+   :data:`sfr.training_args.TINY_DEFAULTS` of ``sfr train``, the same ``--max-steps``, batch, learning rate,
    seed and data order); only the objective differs. With ``--max-steps`` other than the default the
    warm-up and the SFR phase lengths keep their proportions of ``TINY_DEFAULTS`` (phase A = 20 %, ramp
-   = 30 % of the steps; :func:`sfr.trainer.tiny_defaults`).
+   = 30 % of the steps; :func:`sfr.training_args.tiny_defaults`).
 2. Samples ``--samples`` replies per prompt of the corpus' *eval* split (persona x prompt pairs unseen
    in training) from both models with the same sampling seed, and scores them with the dialogue
    evaluation (:func:`sfr.eval.dialogue.evaluate_dialogue`): diversity (distinct-1/2, self-BLEU,
@@ -104,8 +104,8 @@ def device_description(device: str) -> str:
 
 
 def training_arguments(objective: str, output_dir, settings: DemoSettings, device: str, progress: bool):
-    """The :class:`sfr.trainer.SFRTrainingArguments` of one demo run: identical for both objectives."""
-    from sfr.trainer import SFRTrainingArguments
+    """The :class:`sfr.training_args.SFRTrainingArguments` of one demo run: identical for both objectives."""
+    from sfr.training_args import SFRTrainingArguments
 
     steps = settings.max_steps
     return SFRTrainingArguments.for_embedded_default(  # warm-up and phases scale with max_steps
@@ -262,12 +262,12 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     (name -> path of everything written).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sfr.corpus import default_corpus_path
     from sfr.eval.dialogue import evaluate_dialogue
     from sfr.eval.report import bar_plots, dialogue_columns
-    from sfr.trainer import train
+    from sfr.loading import load_model_and_tokenizer
+    from sfr.train import train
 
     settings = settings or demo_settings()
     device = _device(settings)
@@ -291,8 +291,7 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     t0 = time.perf_counter()
     loaded = []
     for name in MODELS:
-        tokenizer = AutoTokenizer.from_pretrained(runs[name])
-        model = AutoModelForCausalLM.from_pretrained(runs[name]).to(device).eval()
+        model, tokenizer = load_model_and_tokenizer(runs[name], device=device)
         loaded.append((name, model, tokenizer))
     data = default_corpus_path("eval")
     torch_threads = torch.get_num_threads()

@@ -128,17 +128,14 @@ def _head_dir(model_dir: str) -> Path:
 
 
 def _load(model_dir: str, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """``(model, tokenizer, head, head_config)`` of a directory written by ``sfr train``, in eval mode on
+    ``device``; ``OSError`` when the backbone or tokenizer does not load (:mod:`sfr.loading`)."""
+    from sfr.loading import load_model_and_tokenizer
     from sfr.model import load_flow_head
 
     head_dir = _head_dir(model_dir)
     head, head_config = load_flow_head(head_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise OSError(f"cannot load the backbone or tokenizer from {model_dir!r}: {exc}") from exc
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     if head.hidden_size != model.config.hidden_size:
         raise ValueError(f"{head_dir} expects hidden size {head.hidden_size}, the model in {model_dir} has "
                          f"{model.config.hidden_size}: the head belongs to another model")

@@ -268,9 +268,9 @@ def evaluate_code(model_or_path, data_path=None, n: int = 10, k: Sequence[int] =
     if chosen == "vllm":  # pragma: no cover - vLLM is not installed here
         from transformers import AutoTokenizer
 
-        from sfr.eval.generation import resolve_model_path
+        from sfr.tiny_lm import resolve_model_name_or_path
 
-        model, tokenizer = str(model_or_path), AutoTokenizer.from_pretrained(resolve_model_path(model_or_path))
+        model, tokenizer = str(model_or_path), AutoTokenizer.from_pretrained(resolve_model_name_or_path(model_or_path))
     elif isinstance(model_or_path, (str, os.PathLike)) or model_or_path is None:
         model, tokenizer = load_model(model_or_path)
     else:

@@ -44,40 +44,18 @@ def resolve_backend(backend: str, model) -> str:
     return "transformers"
 
 
-def resolve_model_path(name_or_path) -> str:
-    """``"sfr-tiny"`` / ``None`` -> the embedded tiny model's directory; anything else unchanged."""
-    if name_or_path is None or str(name_or_path) == "sfr-tiny":
-        from sfr.tiny_lm import resolve_model_name_or_path  # lazy: builds the tiny model on first use
-
-        return str(resolve_model_name_or_path(name_or_path))
-    return str(name_or_path)
-
-
 def load_model(name_or_path, device: str | None = None, dtype=None):
-    """Load ``(model, tokenizer)`` for sampling (eval mode). ``device`` defaults to CUDA when available."""
+    """``(model, tokenizer)`` for sampling, in eval mode (:func:`sfr.loading.load_model_and_tokenizer`):
+    on ``device`` (default: CUDA when available), in ``dtype`` (default: bf16 on a CUDA device that supports
+    it, else float32). ``OSError`` naming the model when it does not load."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    from sfr.loading import load_model_and_tokenizer
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    # transformers < 4.56 calls the argument torch_dtype
-    dtype_arg = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **{dtype_arg: dtype})
-    except OSError as exc:
-        raise OSError(f"cannot load model {path!r} (a local directory, a cached hub id, or 'sfr-tiny'): {exc}") from exc
-    model = model.to(device).eval()
-    return model, tokenizer
-
-
-def _transformers_version() -> tuple[int, int]:
-    import transformers
-
-    major, minor = transformers.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    return load_model_and_tokenizer(name_or_path, device=device, dtype=dtype)
 
 
 def _is_messages(prompt) -> bool:
@@ -155,7 +133,9 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
     check_int("max_new_tokens", max_new_tokens)
     check_int("batch_size", batch_size)
     if resolve_backend(backend, model) == "vllm":
-        return _sample_vllm(resolve_model_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
+        from sfr.tiny_lm import resolve_model_name_or_path  # lazy: builds the tiny model on first use
+
+        return _sample_vllm(resolve_model_name_or_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = load_model(model)
     return _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size,

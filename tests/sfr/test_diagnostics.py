@@ -76,7 +76,8 @@ def test_html_marks_response_tokens():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A few steps of `sfr train` (SFR objective) on the embedded default: a real output directory."""
-    from sfr.trainer import SFRTrainingArguments, train
+    from sfr.train import train
+    from sfr.training_args import SFRTrainingArguments
 
     out = tmp_path_factory.mktemp("sfr-run")
     args = SFRTrainingArguments.for_embedded_default(output_dir=str(out), objective="sfr", max_steps=6, phase_a_steps=2,
