@@ -2,7 +2,8 @@
 
 For an anchor with hidden state ``h``, the trained flow head defines an ODE ``dx/ds = v(x, s, h)``
 that carries Gaussian source draws ``x0 ~ N(0, sigma^2 I)`` (s = 0) to samples of the future-segment
-embedding (s = 1). Integrating it from S draws gives S plausible futures; their dispersion
+embedding (s = 1). Solving it from S draws (:func:`sfr.flow.sample_flow`) gives S plausible futures; their
+dispersion
 
     fork_score(h) = 1 - mean_{i != j} cos(x1_i, x1_j)        (mean pairwise cosine distance)
 
@@ -23,29 +24,8 @@ from pathlib import Path
 import torch
 
 from sfr.checks import check_device, check_int, check_output_dir
-
-SOLVERS = ("euler", "midpoint")
-
-
-@torch.no_grad()
-def integrate_flow(head, h: torch.Tensor, x0: torch.Tensor, steps: int = 16, solver: str = "midpoint") -> torch.Tensor:
-    """Solve ``dx/ds = head(x, s, h)`` from s = 0 to 1 with a fixed-step ``solver``.
-
-    h [N, D], x0 [N, S, E] -> x1 [N, S, E]. The conditioning ``W_c h`` is computed once per anchor.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    c = head.condition(h.to(x0.dtype)).unsqueeze(1)  # [N, 1, Hd], shared by the S draws
-    x, ds = x0, 1.0 / steps
-    s = torch.zeros(x0.shape[:-1], dtype=x0.dtype, device=x0.device)
-    for _ in range(steps):
-        v = head.velocity(x, s, c)
-        if solver == "midpoint":
-            v = head.velocity(x + 0.5 * ds * v, s + 0.5 * ds, c)
-        x, s = x + ds * v, s + ds
-    return x
+from sfr.flow import ODE_METHODS, sample_flow
+from sfr.head import HEAD_DIR
 
 
 def pairwise_cosine_dispersion(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +61,7 @@ def fork_scores(head, h: torch.Tensor, num_draws: int = 16, steps: int = 16, sol
     for start in range(0, h.shape[0], batch_size):
         hb = h[start:start + batch_size].to(dtype)
         x0 = source_std * torch.randn(hb.shape[0], num_draws, head.embed_dim, generator=gen).to(hb.device, dtype)
-        x1 = integrate_flow(head, hb, x0, steps, solver)
+        x1 = sample_flow(head, hb, x0, steps, solver)
         scores.append(pairwise_cosine_dispersion(x1))
         norms.append(x1.float().norm(dim=-1).mean(dim=-1))
     result = torch.cat(scores).float().cpu() if scores else torch.zeros(0)
@@ -109,8 +89,8 @@ class DiagnoseConfig:
         """``ValueError`` naming the first bad setting."""
         for name, minimum in (("num_draws", 2), ("steps", 1), ("limit", 1), ("max_length", 2)):
             check_int(name, getattr(self, name), minimum)
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.solver not in ODE_METHODS:
+            raise ValueError(f"solver must be one of {ODE_METHODS}, got {self.solver!r}")
 
 
 def _head_dir(model_dir: str) -> Path:
@@ -118,7 +98,7 @@ def _head_dir(model_dir: str) -> Path:
     root = Path(model_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist (pass a directory written by `sfr train`)")
-    head_dir = root / "sfr_head"
+    head_dir = root / HEAD_DIR
     if not head_dir.is_dir():
         raise FileNotFoundError(
             f"{model_dir} has no sfr_head/ folder: diagnostics need the flow head that `sfr train` saves next to "
@@ -130,8 +110,8 @@ def _head_dir(model_dir: str) -> Path:
 def _load(model_dir: str, device: torch.device):
     """``(model, tokenizer, head, head_config)`` of a directory written by ``sfr train``, in eval mode on
     ``device``; ``OSError`` when the backbone or tokenizer does not load (:mod:`sfr.loading`)."""
+    from sfr.head import load_flow_head
     from sfr.loading import load_model_and_tokenizer
-    from sfr.model import load_flow_head
 
     head_dir = _head_dir(model_dir)
     head, head_config = load_flow_head(head_dir)
@@ -292,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="sfr-diagnose", metavar="DIR", help="output folder (default sfr-diagnose)")
     parser.add_argument("--num-draws", type=int, default=16, help="source draws S per position (default 16, >= 2)")
     parser.add_argument("--steps", type=int, default=16, help="ODE steps from s=0 to s=1 (default 16)")
-    parser.add_argument("--solver", choices=SOLVERS, default="midpoint", help="fixed-step ODE solver (default midpoint)")
+    parser.add_argument("--solver", choices=ODE_METHODS, default="midpoint", help="fixed-step ODE solver (default midpoint)")
     parser.add_argument("--limit", type=int, default=20, help="score the first N examples (default 20)")
     parser.add_argument("--max-length", type=int, default=512,
                         help="keep the last N tokens of an example (default 512, at most the model's context)")

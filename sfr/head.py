@@ -20,12 +20,23 @@ training and diagnostics; it is thrown away at inference.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sfr.checks import check_int
+from sfr.config import SFRConfig
 from sfr_kernels import timestep_features, timestep_frequencies
+
+HEAD_DIR = "sfr_head"  # a trained model's head: OUTPUT/sfr_head/{model.safetensors, config.json}
+HEAD_WEIGHTS = "model.safetensors"
+HEAD_CONFIG = "config.json"
 
 
 class FlowHead(nn.Module):
@@ -81,6 +92,64 @@ class FlowHead(nn.Module):
             c = c.unsqueeze(-2)
         return self.velocity(x_t, t, c)
 
+    def init_kwargs(self) -> dict:
+        """The constructor arguments of this head: ``FlowHead(**head.init_kwargs())`` is one like it."""
+        return {"hidden_size": self.hidden_size, "embed_dim": self.embed_dim, "width": self.width,
+                "depth": self.depth, "time_features": self.time_features}
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, embed_dim={self.embed_dim}, width={self.width}, "
                 f"depth={self.depth}, time_features={self.time_features}")
+
+
+# ---- the head on disk ----------------------------------------------------------------------------
+def save_flow_head(head: FlowHead, directory: str | os.PathLike, sfr_config: SFRConfig | dict | None = None,
+                   metadata: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write ``directory/model.safetensors`` and ``directory/config.json`` (FlowHead kwargs + SFRConfig).
+
+    Written into a temporary folder that is renamed into place, so a crash leaves no half-written head.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if isinstance(sfr_config, SFRConfig):
+        sfr_config = sfr_config.to_dict()
+    config = {"format": "sfr_flow_head", "version": 1, "kind": getattr(head, "kind", "mlp"),
+              "head": head.init_kwargs(), "sfr_config": dict(sfr_config or {}), "metadata": dict(metadata or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or head.state_dict()).items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
+        (tmp / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_flow_head(directory: str | os.PathLike, device=None) -> tuple[FlowHead, dict]:
+    """Load a head saved by :func:`save_flow_head` (``OUTPUT/sfr_head/``).
+
+    Returns:
+        ``(head, config)``: the :class:`FlowHead` with its weights, and a flat dict of the
+        :class:`SFRConfig` fields (``source_std``, ``num_samples``, ...) plus the training metadata
+        (``objective``, ``target_source``).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / HEAD_CONFIG, directory / HEAD_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved flow head: expected {HEAD_CONFIG} and {HEAD_WEIGHTS}")
+    config = json.loads(config_path.read_text())
+    if "head" not in config:
+        raise ValueError(f"{config_path} has no 'head' entry (FlowHead arguments)")
+    head = FlowHead(**config["head"])
+    head.load_state_dict(load_file(str(weights_path)), strict=True)
+    if device is not None:
+        head = head.to(device)
+    return head, {**config.get("sfr_config", {}), **config.get("metadata", {})}

@@ -20,8 +20,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sfr.checks import check_output_dir
+from sfr.head import HEAD_CONFIG, HEAD_DIR
 from sfr.loading import attention_implementation, load_model_and_tokenizer
-from sfr.model import HEAD_DIR, SFRModel, find_decoder, find_lm_head
+from sfr.model import SFRModel, find_decoder, find_lm_head
 from sfr.trainer import EMAUpdateCallback, SFRTrainer
 from sfr.training_args import SFRTrainingArguments
 from sfr_kernels import triton_runs_on
@@ -334,7 +335,7 @@ def _max_length(args: SFRTrainingArguments, backbone, dataset) -> int | None:
 
 
 def _head_embed_dim_in_checkpoint(checkpoint: str) -> int | None:
-    config = Path(checkpoint) / HEAD_DIR / "config.json"
+    config = Path(checkpoint) / HEAD_DIR / HEAD_CONFIG
     if not config.is_file():
         return None
     return int(json.loads(config.read_text())["head"]["embed_dim"])

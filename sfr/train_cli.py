@@ -169,8 +169,10 @@ def _summary(result, wall_s: float) -> str:
     elif "train_loss" in metrics:
         lines.append(f"  nothing logged (--logging-steps > steps); mean loss over the run: {metrics['train_loss']:.4g}")
     lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
-    if (Path(result.output_dir) / "sfr_head").is_dir():
-        lines.append(f"  flow head: {Path(result.output_dir) / 'sfr_head'} (sfr diagnose --model {result.output_dir})")
+    from sfr.head import HEAD_DIR
+
+    if (Path(result.output_dir) / HEAD_DIR).is_dir():
+        lines.append(f"  flow head: {Path(result.output_dir) / HEAD_DIR} (sfr diagnose --model {result.output_dir})")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from sfr.model import HEAD_DIR, HEAD_WEIGHTS, SFRModel
+from sfr.head import HEAD_DIR, HEAD_WEIGHTS
+from sfr.model import SFRModel
 from sfr.schedule import device_seed
 from sfr.training_args import SFRTrainingArguments
 

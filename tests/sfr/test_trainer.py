@@ -12,7 +12,8 @@ from tiny_models import D, E, T, V, make_args, one_thread, tiny_backbone, tiny_d
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sfr.config import SFRConfig
-from sfr.model import SFRModel, load_flow_head
+from sfr.head import load_flow_head
+from sfr.model import SFRModel
 from sfr.schedule import step_seed
 from sfr.trainer import EMAUpdateCallback, SFRTrainer
 from sfr.training_args import SFRTrainingArguments
