@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 
@@ -12,6 +13,17 @@ def test_version_and_help(capsys):
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+
+
+def test_commands_live_in_sfr_commands_and_load_only_when_run():
+    code = ("import sys; from sfr.cli import main; main([]); "
+            "print(sorted(m for m in sys.modules if m.startswith('sfr.commands.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"  # `sfr --help` imports no command
+    for name, (module_name, _) in COMMANDS.items():
+        assert module_name == f"sfr.commands.{name}"
+        module = importlib.import_module(module_name)
+        assert callable(module.add_arguments) and callable(module.main)
 
 
 def test_unknown_command_is_an_error():

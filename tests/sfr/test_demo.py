@@ -207,7 +207,7 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
         assert flag in text
     import argparse
 
-    from sfr.demo import add_arguments
+    from sfr.commands.demo import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

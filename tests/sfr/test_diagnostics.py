@@ -168,7 +168,7 @@ def test_diagnose_checks_out_and_device_before_any_work(trained, eval_data, tmp_
 def test_diagnose_help_states_every_default():
     import argparse
 
-    from sfr.diagnostics import add_arguments
+    from sfr.commands.diagnose import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -239,7 +239,7 @@ def test_report_says_why_style_accuracy_and_reference_nll_are_missing(tmp_path):
 def _eval_parsers():
     import argparse
 
-    from sfr.eval.cli import add_arguments
+    from sfr.commands.eval import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -6,7 +6,7 @@ import torch
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
 from sfr.cli import build_parser, main
-from sfr.train_cli import build_arguments, read_config
+from sfr.commands.train import build_arguments, read_config
 from sfr.training_args import TINY_DEFAULTS
 
 
@@ -93,8 +93,8 @@ def test_bad_input_is_an_error_line_and_leaves_no_output_dir(tmp_path, capsys, m
 
 
 def test_summary_reports_the_step_count_and_a_trend_only_between_two_logged_steps():
+    from sfr.commands.train import _summary
     from sfr.train import TrainResult
-    from sfr.train_cli import _summary
 
     def summary(logged, **metrics):
         return _summary(TrainResult("out", logged, metrics, global_step=15), 1.0)
