@@ -39,7 +39,7 @@ from pathlib import Path
 from sfr.checks import check_device, check_int
 
 MODELS = ("SFT", "SFR")
-OBJECTIVES = {"SFT": "sft", "SFR": "sfr"}
+OBJECTIVE_OF = {"SFT": "sft", "SFR": "sfr"}  # the objective (sfr.model.OBJECTIVES) of each run
 
 
 @dataclass
@@ -209,10 +209,10 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
 
     runs, train_metrics = {}, {}
     for name in MODELS:
-        run_dir = out / "runs" / OBJECTIVES[name]
+        run_dir = out / "runs" / OBJECTIVE_OF[name]
         _say(f"training {name} ({settings.max_steps} steps, seed {settings.seed}, {device}) -> {run_dir}", quiet)
         t0 = time.perf_counter()
-        args = training_arguments(OBJECTIVES[name], run_dir, settings, device, progress)
+        args = training_arguments(OBJECTIVE_OF[name], run_dir, settings, device, progress)
         result = train(args)
         timings[f"train_{name.lower()}_s"] = round(time.perf_counter() - t0, 2)
         runs[name] = Path(result.output_dir)

@@ -140,7 +140,7 @@ def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from sfr.data import load_records, tokenize_example
+    from sfr.data import IGNORE_INDEX, load_records, tokenize_example
 
     config.validate()
     check_output_dir(config.out, "--out")  # the cheap checks first: a bad --out or --device must not cost the run
@@ -166,7 +166,7 @@ def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
         ids = torch.tensor(tokens["input_ids"], device=device)[None]
         labels = torch.tensor(tokens["labels"])
         # Anchor t predicts token t+1: score every position whose next token is a response token.
-        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != -100]
+        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
         if not positions:
             continue
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """Sampling the flow: solve the head's ODE from source draws to the future-embedding distribution.
 
 A trained :class:`~sfr.head.FlowHead` is a velocity field ``v(x_s, s, h)`` on the conditional OT path
-``x_s = (1 - s) x_0 + s y`` (``x_0`` a source draw, ``y`` a target embedding). Solving
+``x_s = (1 - s) x0 + s y`` (``x0`` a source draw, ``y`` a target embedding). Solving
 
     dx/ds = v(x, s, h),    x(0) = x_init ~ N(0, sigma^2 I_E),    s from 0 to 1
 

@@ -40,11 +40,12 @@ HEAD_CONFIG = "config.json"
 
 
 class FlowHead(nn.Module):
-    """MLP velocity field; ``head(x_t, t, h)`` with ``x_t [..., E]``, ``t [...]``, ``h [..., D]``.
+    """MLP velocity field; ``head(x_s, s, h)`` with the flow state ``x_s [..., E]``, the flow time
+    ``s [...]`` and the hidden state ``h [..., D]`` (positional, as :func:`sfr_kernels.sfr_loss` calls it).
 
-    ``h`` may have one dimension fewer than ``x_t`` (``h [N, D]`` with ``x_t [N, M, E]``): its
+    ``h`` may have one dimension fewer than ``x_s`` (``h [N, D]`` with ``x_s [N, M, E]``): its
     conditioning is then computed once per anchor and shared by the M samples. Otherwise leading
-    dimensions broadcast as usual. ``t`` is a tensor broadcastable to ``x_t.shape[:-1]`` or a float.
+    dimensions broadcast as usual. ``s`` is a tensor broadcastable to ``x_s.shape[:-1]`` or a float.
     """
 
     kind = "mlp"  # the head variant the fused kernels implement
@@ -71,26 +72,26 @@ class FlowHead(nn.Module):
         """``c = W_c h + b_c``: [..., Hd]."""
         return self.cond(h)
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``v`` from the point, the time and a precomputed (broadcastable) conditioning ``c``."""
-        e_t = timestep_features(t, self.time_frequencies).to(x_t.dtype)
-        a = F.silu(self.in_x(x_t) + self.in_t(e_t) + c)
+    def velocity(self, x_s: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``v`` from the flow state, the flow time and a precomputed (broadcastable) conditioning ``c``."""
+        e_s = timestep_features(s, self.time_frequencies).to(x_s.dtype)
+        a = F.silu(self.in_x(x_s) + self.in_t(e_s) + c)
         for layer in self.hidden_layers:
             a = F.silu(layer(a))
         return self.out(a)
 
-    def forward(self, x_t: torch.Tensor, t, h: torch.Tensor) -> torch.Tensor:
-        if x_t.shape[-1] != self.embed_dim:
-            raise ValueError(f"x_t must have last dimension {self.embed_dim} (embed_dim), got shape {tuple(x_t.shape)}")
+    def forward(self, x_s: torch.Tensor, s, h: torch.Tensor) -> torch.Tensor:
+        if x_s.shape[-1] != self.embed_dim:
+            raise ValueError(f"x_s must have last dimension {self.embed_dim} (embed_dim), got shape {tuple(x_s.shape)}")
         if h.shape[-1] != self.hidden_size:
             raise ValueError(f"h must have last dimension {self.hidden_size} (hidden_size), got shape {tuple(h.shape)}")
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(float(t), device=x_t.device)
-        t = t.expand(x_t.shape[:-1])
+        if not isinstance(s, torch.Tensor):
+            s = torch.tensor(float(s), device=x_s.device)
+        s = s.expand(x_s.shape[:-1])
         c = self.condition(h)
-        if h.dim() == x_t.dim() - 1:  # h [N, D] with x_t [N, M, E]: share c across the M samples
+        if h.dim() == x_s.dim() - 1:  # h [N, D] with x_s [N, M, E]: share c across the M samples
             c = c.unsqueeze(-2)
-        return self.velocity(x_t, t, c)
+        return self.velocity(x_s, s, c)
 
     def init_kwargs(self) -> dict:
         """The constructor arguments of this head: ``FlowHead(**head.init_kwargs())`` is one like it."""

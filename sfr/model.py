@@ -41,6 +41,7 @@ from transformers.utils import ModelOutput
 
 from sfr.checks import check_int
 from sfr.config import SFRConfig
+from sfr.data import IGNORE_INDEX
 from sfr.head import HEAD_DIR, FlowHead, save_flow_head
 from sfr_kernels import sfr_loss
 
@@ -48,7 +49,6 @@ OBJECTIVES = ("sft", "sfr", "mtp")
 TARGET_SOURCES = ("precomputed", "ema")
 CE_BACKENDS = ("auto", "liger", "torch")
 LOSS_BACKENDS = ("auto", "triton", "torch")
-IGNORE_INDEX = -100
 
 
 def objective_config(objective: str, config: SFRConfig | None = None) -> SFRConfig | None:

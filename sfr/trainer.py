@@ -27,6 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from sfr.data import IGNORE_INDEX
 from sfr.head import HEAD_DIR, HEAD_WEIGHTS
 from sfr.model import SFRModel
 from sfr.schedule import device_seed
@@ -121,7 +122,7 @@ class SFRTrainer(Trainer):
             return batch_samples, None
         counts = torch.zeros(2, dtype=torch.float32, device=self.args.device)  # [tokens, anchors]
         for batch in batch_samples:
-            counts[0] += batch["labels"][..., 1:].ne(-100).sum().to(counts.device)
+            counts[0] += batch["labels"][..., 1:].ne(IGNORE_INDEX).sum().to(counts.device)
             if batch.get("anchor_weight") is not None:
                 counts[1] += batch["anchor_weight"].sum().to(device=counts.device, dtype=torch.float32)
             elif batch.get("anchor_index") is not None:

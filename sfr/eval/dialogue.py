@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sfr.checks import check_int
+from sfr.data import IGNORE_INDEX
 from sfr.eval.metrics import distinct_n, embedding_diversity, entropy, mode_statistics, self_bleu
 
 try:  # the embedded corpus' labels; evaluation degrades gracefully without them
@@ -290,7 +291,7 @@ def reply_nll_per_pair(model, tokenizer, prompts: Sequence, replies: Sequence[st
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             for row, (ids, n_reply) in enumerate(chunk):  # right padding; labels only on reply tokens
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 mask[row, :len(ids)] = 1
@@ -298,9 +299,9 @@ def reply_nll_per_pair(model, tokenizer, prompts: Sequence, replies: Sequence[st
                     labels[row, len(ids) - n_reply:len(ids)] = torch.tensor(ids[len(ids) - n_reply:])
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX,
                                                     reduction="none").sum(dim=1)
-            counts = (shifted != -100).sum(dim=1)
+            counts = (shifted != IGNORE_INDEX).sum(dim=1)
             results.extend((float(a), int(b)) for a, b in zip(nll.cpu(), counts.cpu()))
     return results
 

@@ -75,7 +75,7 @@ def test_bad_constructor_arguments(kwargs):
 
 def test_bad_forward_shapes():
     head = FlowHead(16, 6, width=12)
-    with pytest.raises(ValueError, match="x_t"):
+    with pytest.raises(ValueError, match="x_s"):
         head(torch.randn(2, 5), torch.rand(2), torch.randn(2, 16))
     with pytest.raises(ValueError, match="h must"):
         head(torch.randn(2, 6), torch.rand(2), torch.randn(2, 15))
