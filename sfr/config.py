@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from sfr.checks import check_int
 from sfr_kernels.reference import TIME_SAMPLINGS
 
-# Multi-Token Prediction as the degenerate case of SFR (DESIGN.md section 1): x0 = 0 and s = 0, so
+# Multi-Token Prediction as the degenerate case of SFR (docs/design.md, "MTP as a degenerate case"): x0 = 0 and s = 0, so
 # x_s = 0 and u = y: the head regresses the future embedding from h. One sample suffices (no draws).
 MTP_PRESET = dict(source_std=0.0, time_sampling="zero", num_samples=1)
 

@@ -1,4 +1,4 @@
-"""Lock/Fork diagnostics: where do a model's futures branch?
+"""Lock/Fork diagnostics: where do a model's futures branch? (docs/design.md, "Lock/Fork diagnostics")
 
 For an anchor with hidden state ``h``, the trained flow head defines an ODE ``dx/ds = v(x, s, h)``
 that carries Gaussian source draws ``x0 ~ N(0, sigma^2 I)`` (s = 0) to samples of the future-segment

@@ -1,7 +1,7 @@
 """The flow-matching head: a small MLP velocity field ``v_phi(x_s, s, h)``.
 
 It reads the LM's final hidden state ``h`` at an anchor and predicts the velocity that carries a
-Gaussian source sample towards the sentence embedding of the future segment (DESIGN.md section 1)::
+Gaussian source sample towards the sentence embedding of the future segment (docs/design.md, "The flow head")::
 
     c   = W_c h + b_c                      # cond:   [N, Hd], once per anchor, shared by its M samples
     e_s = timestep features of s           # [.., F], fixed sinusoids (no parameters), see below

@@ -1,4 +1,5 @@
-"""``SFRModel``: a causal LM with the flow head attached, computing CE + SFR inside ``forward``.
+"""``SFRModel``: a causal LM with the flow head attached, computing CE + SFR inside ``forward``
+(docs/design.md, "Training").
 
 Trainer, DDP, FSDP and DeepSpeed see one module whose ``forward`` returns the training loss::
 

@@ -3,7 +3,7 @@
 Both depend only on integers the trainer already knows (seed, global step, micro-step, rank), so a
 run resumed from a checkpoint sees exactly the lambda values and flow draws of an uninterrupted one.
 
-lambda schedule (DESIGN.md section 1, "who gets which gradient")::
+lambda schedule (docs/design.md, "Who gets which gradient: the phases")::
 
     step <  A:              lambda = 0                                   phase A (head learns alone)
     A <= step < A + R:      lambda = lambda_max * (step - A + 1) / R     linear ramp

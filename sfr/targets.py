@@ -5,7 +5,7 @@ each example is tokenised with the model's chat template (completion-only labels
 :mod:`sfr.data`), its anchors and future segments are found, and every segment text is embedded by a
 frozen sentence encoder (:mod:`sfr.encoder`; default ``all-MiniLM-L6-v2``, E = 384).
 
-Anchor rule (the contract). A *response span* is a maximal run ``[start, end)`` of positions with
+Anchor rule (the contract; docs/design.md, "Anchors"). A *response span* is a maximal run ``[start, end)`` of positions with
 ``label != -100``. Its anchors are ``t = start - 1 + k * S`` for ``k = 0, 1, ...`` while ``t < end - 1``
 (and ``t >= 0``), so the first anchor is the last context position, whose hidden state predicts the
 first response token. In ``window`` mode the segment of anchor ``t`` is the tokens
@@ -19,7 +19,7 @@ earlier, after the first of those tokens whose decoded text contains ``.``, ``!`
 Target: ``y = Enc(text) / ||Enc(text)||_2`` (float32; on a GPU the encoder runs in fp16 and the result
 is re-normalised in float32). Identical texts are encoded once.
 
-Output (the contract): ``datasets.load_from_disk(out)`` has one row per example with at least one
+Output (the contract; docs/design.md, "Prepared data"): ``datasets.load_from_disk(out)`` has one row per example with at least one
 response token, columns ``input_ids``, ``labels`` (lists of int), ``anchor_positions`` (list of int
 ``t``), ``anchor_segment_ends`` (list of int: exclusive end of each anchor's segment), ``anchor_targets``
 (``[n_anchors, E]`` float32) and ``source_index`` (the record's 0-based index in the source).
