@@ -5,23 +5,11 @@ import json
 
 import pytest
 import torch
+from tiny_chat import MESSAGES
 
 from sfr.eval.dialogue import evaluate_dialogue, reply_nll
-from sfr.eval.generation import load_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:sandbox:RuntimeWarning")]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    try:
-        return load_model("sfr-tiny", device="cpu")
-    except Exception as exc:
-        pytest.skip(f"tiny model not available: {exc}")
-
-
-MESSAGES = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is for dinner?"}],
-            [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "How are you?"}]]
 
 
 def test_reply_nll_matches_the_model_loss(tiny):

@@ -3,21 +3,10 @@ import math
 
 import pytest
 import torch
+from tiny_chat import MESSAGES
 
 from sfr.eval.dialogue import reply_nll
 from sfr.eval.generation import load_model, render_prompts, resolve_backend, sample
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    try:
-        return load_model("sfr-tiny", device="cpu")
-    except Exception as exc:
-        pytest.skip(f"tiny model not available: {exc}")
-
-
-MESSAGES = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is for dinner?"}],
-            [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "How are you?"}]]
 
 
 def test_load_model_for_sampling_is_in_eval_mode_float32_on_the_cpu(tiny):
