@@ -101,7 +101,7 @@ def test_encoding_throughput(benchmark, examples, tokenizer, batch_size):
     """all-MiniLM-L6-v2 on up to 1024 distinct segments, L2-normalised float32 out."""
     import numpy as np
 
-    from sfr.targets import encode_texts, load_encoder
+    from sfr.encoder import encode_texts, load_encoder
 
     name, _, tokenised = examples
     texts = list(dict.fromkeys(s.text for s in _segment_all(tokenised, tokenizer, "window")))[:NUM_ENCODED_WINDOWS]
@@ -119,7 +119,8 @@ def test_encoding_throughput(benchmark, examples, tokenizer, batch_size):
 def test_prepare_cold_vs_cache_hit(benchmark, tmp_path, tokenizer, cached):
     """``prepare()`` end to end on the embedded corpus (720 examples): a cold build (tokenise, segment,
     encode, write) and a cache hit (fingerprint the source, check and open the cached rows)."""
-    from sfr.targets import load_encoder, prepare
+    from sfr.encoder import load_encoder
+    from sfr.targets import prepare
 
     load_encoder(None)  # loading the encoder once per process is not part of either path
     out = tmp_path / "targets"

@@ -11,7 +11,7 @@ code a user trains with, :class:`sfr.model.SFRModel` ``forward`` on the same bac
 ``objective="sft"`` (CE only) and ``objective="sfr"`` (CE + SFR, head from
 ``SFRModel.from_backbone``: float32, as the trainer makes it). On CUDA the forward runs under
 bf16 autocast, as ``sfr train --bf16`` runs it, so the float32 head uses the bf16 kernels. So attention (``flash_attention_2``
-when flash-attn is installed on CUDA, else ``sdpa``: ``sfr.trainer.attention_implementation``) and
+when flash-attn is installed on CUDA, else ``sdpa``: ``sfr.loading.attention_implementation``) and
 CE (Liger's fused linear cross-entropy on CUDA when installed, else ``lm_head`` + CE: the model's
 ``ce_implementation``) are the same for both. One step is::
 
@@ -160,8 +160,8 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def run(settings: StepSettings, out_dir: Path) -> list[dict]:
     from sfr.config import SFRConfig
+    from sfr.loading import attention_implementation
     from sfr.model import SFRModel
-    from sfr.trainer import attention_implementation
 
     on_gpu = settings.device.type == "cuda"
     env = common.environment(settings.device)

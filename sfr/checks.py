@@ -47,3 +47,15 @@ def check_device(device, argument: str = "--device") -> None:
     count = getattr(backend, "device_count", lambda: 1)()
     if parsed.index is not None and parsed.index >= count:
         raise ValueError(f"{argument} {device!r}: this machine has {count} {parsed.type} device(s)")
+
+
+def check_int(name: str, value, minimum: int = 1, *, optional: bool = False, why: str = ""):
+    """``value`` once it is known to be an ``int`` >= ``minimum`` (a ``bool`` is not an int here);
+    ``None`` passes when ``optional``. Otherwise ``ValueError``: ``NAME must be an int >= MIN[ or None]
+    [ why], got VALUE``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}{why}, got {value!r}")
+    return value

@@ -1,9 +1,9 @@
 """The ``sfr`` command line: a thin layer over the Python API.
 
-Each subcommand lives in the module that owns its concern and exposes two functions:
-``add_arguments(parser)`` and ``main(args) -> int``. Modules are imported only when their
-subcommand runs, so ``sfr --help`` stays fast and a broken optional dependency of one command
-never breaks the others.
+Each subcommand is a module of :mod:`sfr.commands` that exposes two functions:
+``add_arguments(parser)`` and ``main(args) -> int``, over the Python API of its library module.
+Modules are imported only when their subcommand runs, so ``sfr --help`` stays fast and a broken
+optional dependency of one command never breaks the others.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from sfr import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("sfr.targets", "tokenise dialogue/code data and embed each anchor's future segment"),
-    "train": ("sfr.train_cli", "fine-tune a causal LM with CE + SFR (or plain SFT / MTP)"),
-    "eval": ("sfr.eval.cli", "evaluate models: dialogue diversity/style, code pass@k"),
-    "diagnose": ("sfr.diagnostics", "Lock/Fork diagnostics: where do a model's futures branch?"),
-    "demo": ("sfr.demo", "train SFT and SFR on the embedded default and compare them"),
+    "prepare": ("sfr.commands.prepare", "tokenise dialogue/code data and embed each anchor's future segment"),
+    "train": ("sfr.commands.train", "fine-tune a causal LM with CE + SFR (or plain SFT / MTP)"),
+    "eval": ("sfr.commands.eval", "evaluate models: dialogue diversity/style, code pass@k"),
+    "diagnose": ("sfr.commands.diagnose", "Lock/Fork diagnostics: where do a model's futures branch?"),
+    "demo": ("sfr.commands.demo", "train SFT and SFR on the embedded default and compare them"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sfr.checks import check_int
 from sfr.data import IGNORE_INDEX
 
 
@@ -45,8 +46,7 @@ class SFRDataCollator:
             raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
         for name, value, low in (("max_length", max_length, 2), ("pad_to_multiple_of", pad_to_multiple_of, 1),
                                  ("embed_dim", embed_dim, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
+            check_int(name, value, low, optional=True)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
         self.pad_token_id = pad_token_id

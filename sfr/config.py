@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from sfr.checks import check_int
 from sfr_kernels.reference import TIME_SAMPLINGS
 
-# Multi-Token Prediction as the degenerate case of SFR (DESIGN.md section 1): x0 = 0 and s = 0, so
+# Multi-Token Prediction as the degenerate case of SFR (docs/design.md, "MTP as a degenerate case"): x0 = 0 and s = 0, so
 # x_s = 0 and u = y: the head regresses the future embedding from h. One sample suffices (no draws).
 MTP_PRESET = dict(source_std=0.0, time_sampling="zero", num_samples=1)
 
@@ -40,9 +41,7 @@ class SFRConfig:
 
     def __post_init__(self):
         for name in ("head_width", "head_depth", "num_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
         if not isinstance(self.time_features, int) or self.time_features < 2 or self.time_features % 2:
             raise ValueError(f"time_features must be an even int >= 2, got {self.time_features!r}")
         if self.time_sampling not in TIME_SAMPLINGS:

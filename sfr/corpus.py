@@ -47,6 +47,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sfr.checks import check_int
+
 SPLITS = ("train", "eval")
 CORPUS_VERSION = "v1"
 DEFAULT_EXAMPLES_PER_PAIR = 10
@@ -321,8 +323,7 @@ def build_corpus(split: str = "train", seed: int = 0, examples_per_pair: int | N
     (persona, prompt) pair, modes allocated in proportion to :func:`mode_frequencies`."""
     pairs = split_pairs(split)
     n = DEFAULT_EXAMPLES_PER_PAIR if examples_per_pair is None else examples_per_pair
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"examples_per_pair must be an int >= 1, got {examples_per_pair!r}")
+    check_int("examples_per_pair", n)
     records = []
     for persona, prompt_id in pairs:
         # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.

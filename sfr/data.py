@@ -30,6 +30,8 @@ import re
 import warnings
 from pathlib import Path
 
+from sfr.checks import check_int
+
 IGNORE_INDEX = -100
 PERSONA_CHAT_COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
 # "User 1: text", also markdown bold as the CSV has it: "* * User 1: * * text"
@@ -162,8 +164,7 @@ def tokenize_example(record: dict, tokenizer, max_length: int | None = None) -> 
     if fmt is None:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"record is in no known format (messages or prompt/completion), got keys {keys}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+    check_int("max_length", max_length, 2, optional=True)
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if fmt == "prompt_completion" and isinstance(record["prompt"], str) and not has_template:
         text, spans = _plain_prompt_completion(record, tokenizer)

@@ -3,12 +3,12 @@
 What it does (:func:`run_demo`):
 
 1. Fine-tunes the embedded tiny LM (``sfr-tiny``) on the train split of the embedded persona corpus
-   twice, with :func:`sfr.trainer.train`: once with plain cross-entropy (``objective="sft"``) and once
+   twice, with :func:`sfr.train.train`: once with plain cross-entropy (``objective="sft"``) and once
    with CE + SFR (``objective="sfr"``). Both runs get the very same settings (the
-   :data:`sfr.trainer.TINY_DEFAULTS` of ``sfr train``, the same ``--max-steps``, batch, learning rate,
+   :data:`sfr.training_args.TINY_DEFAULTS` of ``sfr train``, the same ``--max-steps``, batch, learning rate,
    seed and data order); only the objective differs. With ``--max-steps`` other than the default the
    warm-up and the SFR phase lengths keep their proportions of ``TINY_DEFAULTS`` (phase A = 20 %, ramp
-   = 30 % of the steps; :func:`sfr.trainer.tiny_defaults`).
+   = 30 % of the steps; :func:`sfr.training_args.tiny_defaults`).
 2. Samples ``--samples`` replies per prompt of the corpus' *eval* split (persona x prompt pairs unseen
    in training) from both models with the same sampling seed, and scores them with the dialogue
    evaluation (:func:`sfr.eval.dialogue.evaluate_dialogue`): diversity (distinct-1/2, self-BLEU,
@@ -28,7 +28,6 @@ The report states whatever was measured, whichever model wins; nothing is tuned 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -37,10 +36,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int
 
 MODELS = ("SFT", "SFR")
-OBJECTIVES = {"SFT": "sft", "SFR": "sfr"}
+OBJECTIVE_OF = {"SFT": "sft", "SFR": "sfr"}  # the objective (sfr.model.OBJECTIVES) of each run
 
 
 @dataclass
@@ -70,16 +69,12 @@ def demo_settings(quick: bool = False, **overrides) -> DemoSettings:
     base = asdict(QUICK if quick else FULL)
     base.update({k: v for k, v in overrides.items() if v is not None})
     settings = DemoSettings(**base)
-    if isinstance(settings.max_steps, bool) or not isinstance(settings.max_steps, int) or settings.max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {settings.max_steps!r}")
-    if isinstance(settings.samples, bool) or not isinstance(settings.samples, int) or settings.samples < 2:
-        raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {settings.samples!r}")
-    if not isinstance(settings.max_new_tokens, int) or settings.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {settings.max_new_tokens!r}")
+    check_int("max_steps", settings.max_steps)
+    check_int("samples", settings.samples, 2, why=" (diversity needs several replies per prompt)")
+    check_int("max_new_tokens", settings.max_new_tokens)
     if not settings.temperature > 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {settings.temperature!r}")
-    if settings.limit is not None and (not isinstance(settings.limit, int) or settings.limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {settings.limit!r}")
+    check_int("limit", settings.limit, optional=True)
     if settings.device not in ("cpu", "cuda", "auto"):
         raise ValueError(f"device must be cpu, cuda or auto, got {settings.device!r}")
     return settings
@@ -108,8 +103,8 @@ def device_description(device: str) -> str:
 
 
 def training_arguments(objective: str, output_dir, settings: DemoSettings, device: str, progress: bool):
-    """The :class:`sfr.trainer.SFRTrainingArguments` of one demo run: identical for both objectives."""
-    from sfr.trainer import SFRTrainingArguments
+    """The :class:`sfr.training_args.SFRTrainingArguments` of one demo run: identical for both objectives."""
+    from sfr.training_args import SFRTrainingArguments
 
     steps = settings.max_steps
     return SFRTrainingArguments.for_embedded_default(  # warm-up and phases scale with max_steps
@@ -124,12 +119,6 @@ def _say(message: str, quiet: bool = False) -> None:
 
 
 # ---- the table ------------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.1f}"
-
-
 def comparisons(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
     """Per metric: SFR - SFT (mean over prompts of the per-prompt difference) with a 95 % paired bootstrap
     interval over prompts, and the verdict ("SFR", "SFT" better, "tie" when the interval holds 0, or
@@ -166,6 +155,7 @@ def comparisons(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
 def demo_table(results: dict, compare: dict) -> str:
     """The Markdown table: one row per metric, the two models, SFR - SFT [95 % CI], the corpus target."""
     from sfr.eval.dialogue import ARROWS, METRICS
+    from sfr.eval.report import format_value
 
     corpus = results.get("corpus") or {}
     lines = ["| metric | better | SFT | SFR | SFR − SFT [95% CI] | corpus |", "|---|:---:|---:|---:|---:|---:|"]
@@ -180,81 +170,18 @@ def demo_table(results: dict, compare: dict) -> str:
             delta = f"{stats['diff']:+.3g}"
             if not math.isnan(stats["low"]):
                 delta += f" [{stats['low']:+.3g}, {stats['high']:+.3g}]"
-        lines.append(f"| {label} | {ARROWS[direction] or '–'} | {_fmt(values[0])} | {_fmt(values[1])} | {delta} | "
-                     f"{_fmt(corpus.get(key)) if key in corpus else ''} |")
+        cells = [format_value(values[0]), format_value(values[1]), delta,
+                 format_value(corpus.get(key)) if key in corpus else ""]
+        lines.append(f"| {label} | {ARROWS[direction] or '–'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _verdict_summary(compare: dict) -> list[str]:
-    from sfr.eval.dialogue import METRICS
-
-    lines = []
-    for group in ("diversity", "style", "quality"):
-        keys = [k for k, (_, _, g) in METRICS.items() if g == group and compare.get(k, {}).get("verdict")]
-        if not keys:
-            continue
-        counts = {v: [METRICS[k][0] for k in keys if compare[k]["verdict"] == v] for v in ("SFR", "SFT", "tie")}
-        parts = [f"SFR better on {', '.join(counts['SFR']) or 'none'}",
-                 f"SFT better on {', '.join(counts['SFT']) or 'none'}"]
-        if counts["tie"]:
-            parts.append(f"no clear difference on {', '.join(counts['tie'])}")
-        lines.append(f"* **{group}**: " + "; ".join(parts) + ".")
-    return lines
-
-
-# ---- plots -------------------------------------------------------------------------------------------------
+# ---- training curves --------------------------------------------------------------------------------------
 def _log_history(run_dir: Path) -> list[dict]:
     state = run_dir / "trainer_state.json"
     if not state.is_file():
         return []
     return json.loads(state.read_text()).get("log_history", [])
-
-
-def _loss_points(history: list[dict], key: str) -> dict[int, float]:
-    return {h["step"]: h[key] for h in history if key in h and "step" in h and "train_runtime" not in h}
-
-
-def plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
-    """Training curves from the runs' ``log_history``: the CE of both runs (the same quantity) and their
-    difference, and the SFR run's flow-matching loss with lambda."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
-    ce = {name: _loss_points(history, "ce_loss") or _loss_points(history, "loss") for name, history in histories.items()}
-    for name, points in ce.items():
-        left.plot(list(points), list(points.values()), label=f"{name}")
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("cross-entropy (nats/token)")
-    left.set_title("training CE loss")
-    left.legend()
-    left.grid(alpha=0.3)
-    if len(ce) == 2:
-        (a, pa), (b, pb) = ce.items()
-        steps = sorted(set(pa) & set(pb))
-        middle.plot(steps, [pb[s] - pa[s] for s in steps], color="C3")
-        middle.axhline(0.0, color="grey", linewidth=0.8)
-        middle.set_title(f"CE difference {b} − {a}")
-    middle.set_xlabel("optimizer step")
-    middle.set_ylabel("nats/token")
-    middle.grid(alpha=0.3)
-    flow, lam = _loss_points(histories.get("SFR", []), "sfr_loss"), _loss_points(histories.get("SFR", []), "sfr_lambda")
-    if flow:
-        right.plot(list(flow), list(flow.values()), color="C1", label="SFR flow loss")
-        right.set_ylabel("flow-matching loss")
-        twin = right.twinx()
-        twin.plot(list(lam), list(lam.values()), color="C2", linestyle="--", label="λ")
-        twin.set_ylabel("λ (SFR gradient weight)")
-        right.legend(handles=right.get_lines() + twin.get_lines(), loc="upper right")
-    right.set_xlabel("optimizer step")
-    right.set_title("SFR run: flow loss and λ")
-    right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---- the demo -----------------------------------------------------------------------------------------------
@@ -266,12 +193,12 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     (name -> path of everything written).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sfr.corpus import default_corpus_path
     from sfr.eval.dialogue import evaluate_dialogue
-    from sfr.eval.report import bar_plots, dialogue_columns
-    from sfr.trainer import train
+    from sfr.eval.report import bar_plots, dialogue_columns, plot_losses, render_demo_report
+    from sfr.loading import load_model_and_tokenizer
+    from sfr.train import train
 
     settings = settings or demo_settings()
     device = _device(settings)
@@ -282,10 +209,10 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
 
     runs, train_metrics = {}, {}
     for name in MODELS:
-        run_dir = out / "runs" / OBJECTIVES[name]
+        run_dir = out / "runs" / OBJECTIVE_OF[name]
         _say(f"training {name} ({settings.max_steps} steps, seed {settings.seed}, {device}) -> {run_dir}", quiet)
         t0 = time.perf_counter()
-        args = training_arguments(OBJECTIVES[name], run_dir, settings, device, progress)
+        args = training_arguments(OBJECTIVE_OF[name], run_dir, settings, device, progress)
         result = train(args)
         timings[f"train_{name.lower()}_s"] = round(time.perf_counter() - t0, 2)
         runs[name] = Path(result.output_dir)
@@ -295,8 +222,7 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     t0 = time.perf_counter()
     loaded = []
     for name in MODELS:
-        tokenizer = AutoTokenizer.from_pretrained(runs[name])
-        model = AutoModelForCausalLM.from_pretrained(runs[name]).to(device).eval()
+        model, tokenizer = load_model_and_tokenizer(runs[name], device=device)
         loaded.append((name, model, tokenizer))
     data = default_corpus_path("eval")
     torch_threads = torch.get_num_threads()
@@ -346,147 +272,9 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     results["files"] = files
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     files["results.json"] = str(out / "results.json")
-    report = render_report(results, table, json.loads((out / "samples.json").read_text()))
+    report = render_demo_report(results, table, json.loads((out / "samples.json").read_text()))
     (out / "report.md").write_text(report)
     files["report.md"] = str(out / "report.md")
     print(table)  # the table is the demo's answer: printed even when quiet
     print(f"wrote {out / 'report.md'} (total {timings['total_s']:.0f} s on {results['demo']['device']})")
     return {**results, "table": table, "files": files}
-
-
-def render_report(results: dict, table: str, samples: dict) -> str:
-    demo, timings, settings = results["demo"], results["timings"], results["settings"]
-    train = results["training"]
-    quick = " (--quick: a smoke-test budget; these numbers mean little)" if demo["quick"] else ""
-    md = [
-        "# sfr demo: SFT vs SFR on the embedded default", "",
-        f"Both runs fine-tune the embedded tiny LM (`sfr-tiny`, ~1M parameters) on the train split of the embedded "
-        f"persona corpus with the same settings: {demo['max_steps']} optimizer steps, seed {demo['seed']}, the "
-        "`sfr train` defaults for the tiny model (batch 8, learning rate 1e-3, cosine schedule); only the objective "
-        "differs (SFT = cross-entropy; SFR = cross-entropy + Semantic Flow Regularization, phase A then a ramp of "
-        f"λ to 1){quick}.", "",
-        f"Evaluation: {settings['samples']} sampled replies (temperature {settings['temperature']}, at most "
-        f"{settings['max_new_tokens']} new tokens, seed {settings['seed']}) for each of {settings['num_prompts']} "
-        "prompts of the corpus' eval split: persona x question pairs never seen together in training.", "",
-        f"Device: {demo['device']} ({demo['torch_threads']} torch threads). Wall time: "
-        f"SFT training {timings['train_sft_s']:.0f} s, SFR training {timings['train_sfr_s']:.0f} s, "
-        f"evaluation {timings['eval_s']:.0f} s"
-        + (f", diagnostics {timings['diagnose_s']:.0f} s" if "diagnose_s" in timings else "")
-        + f"; total {timings['total_s']:.0f} s.", "",
-        "## Results", "", table,
-        "↑ higher is better, ↓ lower is better, → corpus: closest to the corpus' known value is best. Each metric is "
-        "computed per prompt and averaged over prompts. SFR − SFT is the mean per-prompt difference with a 95 % "
-        "paired bootstrap interval over prompts: an interval that contains 0 means the two models are not "
-        "distinguishable on these prompts. The interval covers the choice of prompts and samples, not the training "
-        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread).", "",
-        "Summary (a model is called better only when the interval excludes 0):", "",
-        *_verdict_summary(results["comparison"]), "",
-        "## What the metrics mean", "",
-        "* **Diversity** within one prompt's samples: distinct-n = unique / total whitespace n-grams; self-BLEU = mean "
-        "sacrebleu sentence-BLEU of each sample against the others (0-100, lower = more diverse); embedding "
-        "diversity = 1 − mean pairwise cosine of all-MiniLM-L6-v2 embeddings.",
-        "* **Style**: style accuracy = how often a persona classifier (logistic regression on sentence embeddings, "
-        "trained on the eval references) recognises the requested persona; style-marker rate = exact check of the "
-        "persona's marker (\"arr\", \"BEEP.\", ...); mode coverage / entropy / TV distance compare the kinds of "
-        "answer sampled (e.g. pasta / curry / salad) with the corpus' known frequencies (e.g. 0.6 / 0.3 / 0.1). "
-        "A collapsed model keeps the style but answers only the top mode: low coverage and entropy, high TV.",
-        "* **Quality proxies**: held-out NLL/token = each model's own negative log-likelihood of the eval split's "
-        "reference replies (unseen persona x question pairs; lower = it still fits real replies, so diversity was "
-        "not bought with broken text); valid-reply rate = fraction of samples that are exactly one of the "
-        "well-formed replies of that persona to that question; on-topic rate = fraction that give exactly one "
-        "valid kind of answer.", "",
-        "## Plots", "",
-        "![diversity](diversity.png)", "", "![style](style.png)", "", "![quality](quality.png)", "",
-        "![training curves](loss.png)", "",
-        f"Final training loss (last log): SFT CE {_fmt(train['SFT'].get('final_ce_loss'))}; SFR CE "
-        f"{_fmt(train['SFR'].get('final_ce_loss'))}, flow loss {_fmt(train['SFR'].get('final_sfr_loss'))}.", ""]
-    if results.get("diagnose"):
-        d = results["diagnose"]
-        md += ["## Lock/Fork diagnostics (SFR model)", "",
-               f"{d['anchors']} response positions scored; mean fork score {_fmt(d['mean_fork_score'])}, median "
-               f"{_fmt(d['median_fork_score'])} (1 − mean pairwise cosine of {d['num_draws']} flow endpoints; 0 = locked, 1 = "
-               f"unrelated). The endpoints' mean norm is {_fmt(d['mean_endpoint_norm'], 3)}, against "
-               f"{_fmt(d['source_norm'], 3)} for the Gaussian source draws and 1 for the (normalised) target "
-               "embeddings: the closer to 1, the more the head has learned to carry the noise to real futures; "
-               "far from it, the fork scores mostly reflect the source noise. "
-               "Tokens coloured by fork score: [diagnose/fork_scores.html](diagnose/fork_scores.html); histogram: "
-               "[diagnose/fork_histogram.png](diagnose/fork_histogram.png).", ""]
-    md += ["## Sample replies (first 3 samples of the first 3 prompts)", ""]
-    for i in range(min(3, settings["num_prompts"])):
-        first = samples[MODELS[0]][i]
-        question = " / ".join(m["content"] for m in first["messages"])
-        md.append(f"**{question}**")
-        md.append("")
-        for name in MODELS:
-            for reply in samples[name][i]["replies"][:3]:
-                md.append(f"* {name}: {json.dumps(reply, ensure_ascii=False)}")
-        md.append("")
-    md += [f"Everything measured is in `results.json` (per-prompt values included) and `samples.json`; the models "
-           f"are in `{Path(demo['runs']['SFT']).parent}/`.", ""]
-    return "\n".join(md)
-
-
-# ---- command line ----------------------------------------------------------------------------------------------
-EPILOG = f"""\
-default budget: {FULL.max_steps} steps per model, {FULL.samples} samples per prompt, all 18 eval prompts
-(measured: about 2 minutes on an idle 2-core CPU, 9 minutes with the 2 cores shared). --quick: {QUICK.max_steps} steps, {QUICK.samples} samples, {QUICK.limit} prompts
-(well under a minute once the tiny model and the corpus targets are cached; a smoke test).
-
-examples:
-  sfr demo                                  # the full comparison, report in ./sfr-demo/report.md
-  sfr demo --quick --output-dir demo-quick  # the CI smoke test
-  sfr demo --max-steps 1500 --samples 64    # a bigger budget
-  sfr demo --seed 1 --output-dir sfr-demo-seed1   # another training seed: how much do the numbers move?
-"""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Train the embedded tiny LM on the embedded persona corpus twice, with plain fine-tuning (SFT) and with "
-        "SFR, using the same budget and seed; sample replies to held-out persona x question pairs from both; "
-        "report diversity (distinct-n, self-BLEU, embedding diversity), style (persona classifier, style markers, "
-        "mode coverage/entropy vs the corpus' known frequencies) and quality proxies (held-out NLL, valid-reply "
-        "rate), with bootstrap intervals for SFR - SFT. Writes OUTPUT/report.md, results.json, samples.json and "
-        "PNG plots (diversity, style, quality, training curves), and prints the table. Offline; CPU by default.")
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--output-dir", "--out", default="sfr-demo", metavar="DIR",
-                        help="where the report, plots, results and both models go (default ./sfr-demo)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke-test budget: {QUICK.max_steps} steps, {QUICK.samples} samples, "
-                             f"{QUICK.max_new_tokens} new tokens per reply, {QUICK.limit} prompts, diagnostics on "
-                             f"{QUICK.diagnose_limit} examples, {QUICK.bootstrap_resamples} bootstrap resamples; "
-                             "flags below still override it (default: off, the full budget)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help=f"optimizer steps for each model (default {FULL.max_steps}; {QUICK.max_steps} with --quick)")
-    parser.add_argument("--seed", type=int, default=None, help="training and sampling seed, the same for both (default 0)")
-    parser.add_argument("--samples", type=int, default=None,
-                        help=f"sampled replies per prompt, at least 2 (default {FULL.samples}; {QUICK.samples} "
-                             "with --quick)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help=f"per reply (default {FULL.max_new_tokens}; {QUICK.max_new_tokens} with --quick)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help=f"evaluate only N eval prompts, spread over the personas (default all 18; {QUICK.limit} with --quick)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
-                        help="where to train and sample (default cpu)")
-    parser.add_argument("--no-diagnose", action="store_true", help="skip the Lock/Fork diagnostics of the SFR model")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (the table is printed)")
-
-
-def main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything the demo uses is local: never wait for the hub
-    if args.quiet:  # transformers draws its own bars (loading weights); quiet means none at all
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    try:
-        check_output_dir(args.output_dir, "--output-dir")  # before training: a bad path must not cost the run
-        settings = demo_settings(args.quick, max_steps=args.max_steps, seed=args.seed, samples=args.samples,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, limit=args.limit,
-                                 device=args.device, diagnose=False if args.no_diagnose else None)
-        run_demo(args.output_dir, settings, progress=not args.quiet, quiet=args.quiet)
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"sfr demo: error: {exc}", file=sys.stderr)
-        return 2
-    return 0

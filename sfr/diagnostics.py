@@ -1,8 +1,9 @@
-"""Lock/Fork diagnostics: where do a model's futures branch?
+"""Lock/Fork diagnostics: where do a model's futures branch? (docs/design.md, "Lock/Fork diagnostics")
 
 For an anchor with hidden state ``h``, the trained flow head defines an ODE ``dx/ds = v(x, s, h)``
 that carries Gaussian source draws ``x0 ~ N(0, sigma^2 I)`` (s = 0) to samples of the future-segment
-embedding (s = 1). Integrating it from S draws gives S plausible futures; their dispersion
+embedding (s = 1). Solving it from S draws (:func:`sfr.flow.sample_flow`) gives S plausible futures; their
+dispersion
 
     fork_score(h) = 1 - mean_{i != j} cos(x1_i, x1_j)        (mean pairwise cosine distance)
 
@@ -12,40 +13,17 @@ data set and writes an HTML page (tokens coloured by fork score), a PNG histogra
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from sfr.checks import check_device, check_output_dir
-
-SOLVERS = ("euler", "midpoint")
-
-
-@torch.no_grad()
-def integrate_flow(head, h: torch.Tensor, x0: torch.Tensor, steps: int = 16, solver: str = "midpoint") -> torch.Tensor:
-    """Solve ``dx/ds = head(x, s, h)`` from s = 0 to 1 with a fixed-step ``solver``.
-
-    h [N, D], x0 [N, S, E] -> x1 [N, S, E]. The conditioning ``W_c h`` is computed once per anchor.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    c = head.condition(h.to(x0.dtype)).unsqueeze(1)  # [N, 1, Hd], shared by the S draws
-    x, ds = x0, 1.0 / steps
-    s = torch.zeros(x0.shape[:-1], dtype=x0.dtype, device=x0.device)
-    for _ in range(steps):
-        v = head.velocity(x, s, c)
-        if solver == "midpoint":
-            v = head.velocity(x + 0.5 * ds * v, s + 0.5 * ds, c)
-        x, s = x + ds * v, s + ds
-    return x
+from sfr.checks import check_device, check_int, check_output_dir
+from sfr.flow import ODE_METHODS, sample_flow
+from sfr.head import HEAD_DIR
 
 
 def pairwise_cosine_dispersion(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +59,7 @@ def fork_scores(head, h: torch.Tensor, num_draws: int = 16, steps: int = 16, sol
     for start in range(0, h.shape[0], batch_size):
         hb = h[start:start + batch_size].to(dtype)
         x0 = source_std * torch.randn(hb.shape[0], num_draws, head.embed_dim, generator=gen).to(hb.device, dtype)
-        x1 = integrate_flow(head, hb, x0, steps, solver)
+        x1 = sample_flow(head, hb, x0, steps, solver)
         scores.append(pairwise_cosine_dispersion(x1))
         norms.append(x1.float().norm(dim=-1).mean(dim=-1))
     result = torch.cat(scores).float().cpu() if scores else torch.zeros(0)
@@ -108,11 +86,9 @@ class DiagnoseConfig:
     def validate(self) -> None:
         """``ValueError`` naming the first bad setting."""
         for name, minimum in (("num_draws", 2), ("steps", 1), ("limit", 1), ("max_length", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+            check_int(name, getattr(self, name), minimum)
+        if self.solver not in ODE_METHODS:
+            raise ValueError(f"solver must be one of {ODE_METHODS}, got {self.solver!r}")
 
 
 def _head_dir(model_dir: str) -> Path:
@@ -120,7 +96,7 @@ def _head_dir(model_dir: str) -> Path:
     root = Path(model_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist (pass a directory written by `sfr train`)")
-    head_dir = root / "sfr_head"
+    head_dir = root / HEAD_DIR
     if not head_dir.is_dir():
         raise FileNotFoundError(
             f"{model_dir} has no sfr_head/ folder: diagnostics need the flow head that `sfr train` saves next to "
@@ -130,17 +106,14 @@ def _head_dir(model_dir: str) -> Path:
 
 
 def _load(model_dir: str, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sfr.model import load_flow_head
+    """``(model, tokenizer, head, head_config)`` of a directory written by ``sfr train``, in eval mode on
+    ``device``; ``OSError`` when the backbone or tokenizer does not load (:mod:`sfr.loading`)."""
+    from sfr.head import load_flow_head
+    from sfr.loading import load_model_and_tokenizer
 
     head_dir = _head_dir(model_dir)
     head, head_config = load_flow_head(head_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise OSError(f"cannot load the backbone or tokenizer from {model_dir!r}: {exc}") from exc
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     if head.hidden_size != model.config.hidden_size:
         raise ValueError(f"{head_dir} expects hidden size {head.hidden_size}, the model in {model_dir} has "
                          f"{model.config.hidden_size}: the head belongs to another model")
@@ -167,7 +140,7 @@ def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from sfr.data import load_records, tokenize_example
+    from sfr.data import IGNORE_INDEX, load_records, tokenize_example
 
     config.validate()
     check_output_dir(config.out, "--out")  # the cheap checks first: a bad --out or --device must not cost the run
@@ -193,7 +166,7 @@ def diagnose(config: DiagnoseConfig, progress: bool = True) -> dict:
         ids = torch.tensor(tokens["input_ids"], device=device)[None]
         labels = torch.tensor(tokens["labels"])
         # Anchor t predicts token t+1: score every position whose next token is a response token.
-        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != -100]
+        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
         if not positions:
             continue
         with torch.no_grad():
@@ -280,48 +253,3 @@ def plot_histogram(scores: list[float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Lock/Fork diagnostics: for every response position of the data, integrate the trained flow head's ODE "
-        "dx/ds = v(x, s, h) from S Gaussian source draws to s = 1 and measure how spread out the S endpoints are "
-        "(fork score = 1 - mean pairwise cosine; near 0 = the future is locked, larger = it forks). Writes "
-        "fork_scores.html (tokens coloured by fork score), fork_histogram.png and fork_scores.json to --out.")
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a directory written by `sfr train` with --objective sfr or mtp (model + sfr_head/; "
-                             "an SFT model has no head)")
-    parser.add_argument("--data", default=None, metavar="FILE",
-                        help="examples to score: JSONL/JSON in messages or prompt/completion format, or the "
-                             "Synthetic-Persona-Chat CSV (default: the embedded corpus' eval split)")
-    parser.add_argument("--out", default="sfr-diagnose", metavar="DIR", help="output folder (default sfr-diagnose)")
-    parser.add_argument("--num-draws", type=int, default=16, help="source draws S per position (default 16, >= 2)")
-    parser.add_argument("--steps", type=int, default=16, help="ODE steps from s=0 to s=1 (default 16)")
-    parser.add_argument("--solver", choices=SOLVERS, default="midpoint", help="fixed-step ODE solver (default midpoint)")
-    parser.add_argument("--limit", type=int, default=20, help="score the first N examples (default 20)")
-    parser.add_argument("--max-length", type=int, default=512,
-                        help="keep the last N tokens of an example (default 512, at most the model's context)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the source draws (example i uses seed + i; default 0)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-
-
-def main(args: argparse.Namespace) -> int:
-    data = args.data
-    if data is None:
-        from sfr.corpus import default_corpus_path
-
-        data = str(default_corpus_path("eval"))
-    config = DiagnoseConfig(model=args.model, data=data, out=args.out, num_draws=args.num_draws,
-                            steps=args.steps, solver=args.solver, limit=args.limit, max_length=args.max_length,
-                            seed=args.seed, device=args.device)
-    try:
-        summary = diagnose(config)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"sfr diagnose: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"scored {summary['anchors']} positions; mean fork score {summary['mean_fork_score']:.4f} "
-          f"(median {summary['median_fork_score']:.4f}); mean endpoint norm {summary['mean_endpoint_norm']:.3g} "
-          f"(source draws: {summary['source_norm']:.3g}; unit-norm targets: 1)")
-    print(f"wrote {config.out}/fork_scores.html, fork_histogram.png, fork_scores.json")
-    return 0

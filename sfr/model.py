@@ -1,4 +1,5 @@
-"""``SFRModel``: a causal LM with the flow head attached, computing CE + SFR inside ``forward``.
+"""``SFRModel``: a causal LM with the flow head attached, computing CE + SFR inside ``forward``
+(docs/design.md, "Training").
 
 Trainer, DDP, FSDP and DeepSpeed see one module whose ``forward`` returns the training loss::
 
@@ -25,14 +26,11 @@ that call ``lm_head`` / the head (:func:`zero3_partitioned`).
 
 Saving: :meth:`SFRModel.split_state_dict` separates backbone, head and teacher keys; the trainer
 writes the backbone with ``save_pretrained`` (a plain transformers model) and the head with
-:func:`save_flow_head` into ``sfr_head/`` (read back by :func:`load_flow_head`).
+:func:`sfr.head.save_flow_head` into ``sfr_head/`` (read back by :func:`sfr.head.load_flow_head`).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +40,16 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.utils import ModelOutput
 
+from sfr.checks import check_int
 from sfr.config import SFRConfig
-from sfr.head import FlowHead
+from sfr.data import IGNORE_INDEX
+from sfr.head import HEAD_DIR, FlowHead, save_flow_head
 from sfr_kernels import sfr_loss
 
 OBJECTIVES = ("sft", "sfr", "mtp")
 TARGET_SOURCES = ("precomputed", "ema")
 CE_BACKENDS = ("auto", "liger", "torch")
 LOSS_BACKENDS = ("auto", "triton", "torch")
-HEAD_DIR = "sfr_head"
-HEAD_WEIGHTS = "model.safetensors"
-HEAD_CONFIG = "config.json"
-IGNORE_INDEX = -100
 
 
 def objective_config(objective: str, config: SFRConfig | None = None) -> SFRConfig | None:
@@ -235,8 +231,7 @@ class SFRModel(nn.Module):
         hidden_size = find_lm_head(backbone).weight.shape[1]
         head = teacher = None
         if config is not None:
-            if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-                raise ValueError(f"embed_dim must be an int >= 1 for objective {objective!r}, got {embed_dim!r}")
+            check_int("embed_dim", embed_dim, why=f" for objective {objective!r}")
             device = find_lm_head(backbone).weight.device
             head = FlowHead(hidden_size=hidden_size, embed_dim=embed_dim, **config.head_kwargs()).to(device)
             if target_source == "ema":
@@ -454,62 +449,3 @@ def _divisor(count, like: torch.Tensor) -> torch.Tensor | float:
         return float(count) if count > 0 else 1.0
     count = count.to(device=like.device, dtype=torch.float32)
     return torch.where(count > 0, count, torch.ones_like(count))
-
-
-# ---- the head on disk ----------------------------------------------------------------------------
-def head_kwargs(head: FlowHead) -> dict:
-    """The constructor arguments of ``head``."""
-    return {"hidden_size": head.hidden_size, "embed_dim": head.embed_dim, "width": head.width,
-            "depth": head.depth, "time_features": head.time_features}
-
-
-def save_flow_head(head: FlowHead, directory: str | os.PathLike, sfr_config: SFRConfig | dict | None = None,
-                   metadata: dict | None = None, state_dict: dict | None = None) -> Path:
-    """Write ``directory/model.safetensors`` and ``directory/config.json`` (FlowHead kwargs + SFRConfig).
-
-    Written into a temporary folder that is renamed into place, so a crash leaves no half-written head.
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    if isinstance(sfr_config, SFRConfig):
-        sfr_config = sfr_config.to_dict()
-    config = {"format": "sfr_flow_head", "version": 1, "kind": getattr(head, "kind", "mlp"),
-              "head": head_kwargs(head), "sfr_config": dict(sfr_config or {}), "metadata": dict(metadata or {})}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or head.state_dict()).items()}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_file(tensors, str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
-        (tmp / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def load_flow_head(directory: str | os.PathLike, device=None) -> tuple[FlowHead, dict]:
-    """Load a head saved by :func:`save_flow_head` (``OUTPUT/sfr_head/``).
-
-    Returns:
-        ``(head, config)``: the :class:`FlowHead` with its weights, and a flat dict of the
-        :class:`SFRConfig` fields (``source_std``, ``num_samples``, ...) plus the training metadata
-        (``objective``, ``target_source``).
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path, weights_path = directory / HEAD_CONFIG, directory / HEAD_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved flow head: expected {HEAD_CONFIG} and {HEAD_WEIGHTS}")
-    config = json.loads(config_path.read_text())
-    if "head" not in config:
-        raise ValueError(f"{config_path} has no 'head' entry (FlowHead arguments)")
-    head = FlowHead(**config["head"])
-    head.load_state_dict(load_file(str(weights_path)), strict=True)
-    if device is not None:
-        head = head.to(device)
-    return head, {**config.get("sfr_config", {}), **config.get("metadata", {})}

@@ -3,7 +3,7 @@
 Both depend only on integers the trainer already knows (seed, global step, micro-step, rank), so a
 run resumed from a checkpoint sees exactly the lambda values and flow draws of an uninterrupted one.
 
-lambda schedule (DESIGN.md section 1, "who gets which gradient")::
+lambda schedule (docs/design.md, "Who gets which gradient: the phases")::
 
     step <  A:              lambda = 0                                   phase A (head learns alone)
     A <= step < A + R:      lambda = lambda_max * (step - A + 1) / R     linear ramp
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from sfr.checks import check_int
+
 _MASK64 = (1 << 64) - 1
 SEED_BITS = 62  # the time stream uses seed + 1, so stay well inside int64
 
@@ -24,8 +26,7 @@ SEED_BITS = 62  # the time stream uses seed + 1, so stay well inside int64
 def sfr_lambda(step: int, phase_a_steps: int, ramp_steps: int, lambda_max: float) -> float:
     """The weight ``lambda`` of the SFR gradient into the backbone at optimizer step ``step``."""
     for name, value in (("step", step), ("phase_a_steps", phase_a_steps), ("ramp_steps", ramp_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int(name, value, 0)
     if lambda_max < 0:
         raise ValueError(f"lambda_max must be >= 0, got {lambda_max!r}")
     if step < phase_a_steps:
@@ -51,8 +52,7 @@ def step_seed(seed: int, step: int, micro_step: int = 0, rank: int = 0) -> int:
     of one micro-batch unrelated to those of any other micro-batch.
     """
     for name, value in (("seed", seed), ("step", step), ("micro_step", micro_step), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int(name, value, 0)
     state = _splitmix64(seed & _MASK64)
     for part in (step, micro_step, rank):
         state = _splitmix64(state ^ (part & _MASK64))

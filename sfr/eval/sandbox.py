@@ -63,6 +63,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from sfr.checks import check_int
 from sfr.eval.sandbox_scripts import RUNNER, SHEPHERD
 
 MODES = ("auto", "bwrap", "rlimit")
@@ -99,9 +100,7 @@ class SandboxLimits:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
         for name in ("memory_bytes", "max_processes", "file_size_bytes", "open_files", "scratch_bytes",
                      "output_bytes", "output_kill_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""Up-front input checks: output directories and devices."""
+"""Up-front input checks: output directories, devices and integer arguments."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from sfr.checks import check_device, check_output_dir
+from sfr.checks import check_device, check_int, check_output_dir
 
 
 def test_output_dir_accepts_new_and_existing_directories_and_creates_nothing(tmp_path):
@@ -44,3 +44,15 @@ def test_device_check():
     else:  # pragma: no cover - GPU machines
         with pytest.raises(ValueError, match="device"):
             check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_check_int_returns_the_value_and_names_the_argument_otherwise():
+    assert check_int("n", 3) == 3 and check_int("n", 0, 0) == 0
+    assert check_int("limit", None, optional=True) is None
+    for bad in (0, -2, True, 1.0, "3", None):
+        with pytest.raises(ValueError, match=r"^n must be an int >= 1, got "):
+            check_int("n", bad)
+    with pytest.raises(ValueError, match=r"^limit must be an int >= 2 or None, got 1$"):
+        check_int("limit", 1, 2, optional=True)
+    with pytest.raises(ValueError, match=r"^samples must be an int >= 2 \(why\), got 1$"):
+        check_int("samples", 1, 2, why=" (why)")

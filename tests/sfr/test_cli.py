@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 
@@ -12,6 +13,17 @@ def test_version_and_help(capsys):
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+
+
+def test_commands_live_in_sfr_commands_and_load_only_when_run():
+    code = ("import sys; from sfr.cli import main; main([]); "
+            "print(sorted(m for m in sys.modules if m.startswith('sfr.commands.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"  # `sfr --help` imports no command
+    for name, (module_name, _) in COMMANDS.items():
+        assert module_name == f"sfr.commands.{name}"
+        module = importlib.import_module(module_name)
+        assert callable(module.add_arguments) and callable(module.main)
 
 
 def test_unknown_command_is_an_error():
@@ -33,12 +45,12 @@ def test_an_unknown_flag_shows_the_commands_own_usage(capsys):
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch):
-    import sfr.targets
+    import sfr.commands.prepare
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sfr.targets, "main", interrupted)
+    monkeypatch.setattr(sfr.commands.prepare, "main", interrupted)
     assert main(["prepare"]) == 130
     assert capsys.readouterr().err.strip() == "sfr prepare: interrupted"
 
@@ -46,14 +58,14 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch)
 def test_a_commands_user_warnings_print_as_one_line(capsys, monkeypatch):
     import warnings
 
-    import sfr.targets
+    import sfr.commands.prepare
 
     def warns(args):
         warnings.warn("the cache is stale", UserWarning, stacklevel=2)
         warnings.warn("this option goes away", FutureWarning, stacklevel=2)  # a library's deprecation: Python's format
         return 0
 
-    monkeypatch.setattr(sfr.targets, "main", warns)
+    monkeypatch.setattr(sfr.commands.prepare, "main", warns)
     assert main(["prepare"]) == 0
     err = capsys.readouterr().err
     assert "sfr prepare: warning: the cache is stale\n" in err

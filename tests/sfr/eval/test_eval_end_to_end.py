@@ -1,86 +1,15 @@
-"""Generation, NLL and the CLI through the real tiny model (``sfr-tiny``; skipped if it cannot be built)."""
+"""NLL, the dialogue and code evaluations and their CLI through the real tiny model (``sfr-tiny``; skipped if
+it cannot be built). Sampling itself: test_eval_generation.py."""
 import gzip
 import json
-import math
 
 import pytest
 import torch
+from tiny_chat import MESSAGES
 
 from sfr.eval.dialogue import evaluate_dialogue, reply_nll
-from sfr.eval.generation import load_model, render_prompts, sample
 
 pytestmark = [pytest.mark.filterwarnings("ignore:sandbox:RuntimeWarning")]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    try:
-        return load_model("sfr-tiny", device="cpu")
-    except Exception as exc:
-        pytest.skip(f"tiny model not available: {exc}")
-
-
-MESSAGES = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is for dinner?"}],
-            [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "How are you?"}]]
-
-
-def test_sample_shapes_seed_and_greedy(tiny):
-    model, tokenizer = tiny
-    first = sample(model, tokenizer, MESSAGES, n=3, temperature=1.0, max_new_tokens=8, batch_size=4, seed=5,
-                   progress=False)
-    assert [len(replies) for replies in first] == [3, 3] and all(isinstance(r, str) for r in first[0])
-    again = sample(model, tokenizer, MESSAGES, n=3, temperature=1.0, max_new_tokens=8, batch_size=4, seed=5,
-                   progress=False)
-    assert again == first
-    greedy = sample(model, tokenizer, ["Hello there"], n=2, temperature=0.0, max_new_tokens=6, progress=False)
-    assert greedy[0][0] == greedy[0][1]
-    # left padding: a prompt's greedy reply does not depend on the other prompts of its batch
-    alone = sample(model, tokenizer, MESSAGES[:1], n=1, temperature=0.0, max_new_tokens=6, progress=False)
-    batched = sample(model, tokenizer, MESSAGES, n=1, temperature=0.0, max_new_tokens=6, batch_size=2, progress=False)
-    assert batched[0] == alone[0]
-    texts, templated = render_prompts(tokenizer, MESSAGES)
-    assert templated and "You are a pirate." in texts[0]
-    with pytest.raises(TypeError):
-        render_prompts(tokenizer, ["text", MESSAGES[0]])
-    with pytest.raises(ValueError, match="n must"):
-        sample(model, tokenizer, MESSAGES, n=0)
-
-
-def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tiny, monkeypatch):
-    model, tokenizer = tiny
-    limit = model.config.max_position_embeddings
-    long_turn = "pasta " * (3 * limit)
-    messages = [[{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": long_turn}]]
-    replies = sample(model, tokenizer, messages, n=2, max_new_tokens=8, progress=False)
-    assert len(replies[0]) == 2
-    # A request as long as the context is capped at half of it, so the prompt keeps the other half.
-    calls = []
-    generate = model.generate
-
-    def spy(**kwargs):  # what generate is asked for and the prompt length it gets
-        calls.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
-        return generate(**kwargs)
-
-    monkeypatch.setattr(model, "generate", spy)
-    with pytest.warns(RuntimeWarning, match=f"at most {limit // 2} new tokens"):
-        capped = sample(model, tokenizer, messages, n=2, max_new_tokens=limit, progress=False)
-    assert len(capped[0]) == 2
-    assert calls == [(limit - limit // 2, limit // 2)]  # the prompt, cut from the left, fills the other half
-    total, count = reply_nll(model, tokenizer, messages, [" Arr!"])
-    assert count > 0 and math.isfinite(total)
-
-
-def test_backend_choice():
-    from sfr.eval.generation import resolve_backend, vllm_available
-
-    assert resolve_backend("transformers", "sfr-tiny") == "transformers"
-    assert resolve_backend("auto", object()) == "transformers"  # a loaded model: always transformers
-    with pytest.raises(ValueError, match="backend"):
-        resolve_backend("onnx", "sfr-tiny")
-    if not vllm_available():
-        assert resolve_backend("auto", "sfr-tiny") == "transformers"
-        with pytest.raises(ValueError, match="vLLM is not installed"):
-            resolve_backend("vllm", "sfr-tiny")
 
 
 def test_reply_nll_matches_the_model_loss(tiny):
@@ -110,10 +39,16 @@ def test_evaluate_dialogue_and_cli_end_to_end(tiny, tmp_path):
     metrics = results["models"]["tiny"]
     assert 0 <= metrics["distinct_1"] <= 1 and metrics["reference_nll"] > 0
     # the samples' NLL under the reference model (here: the model itself) and the references' NLL
-    replies = results["samples"]["tiny"][0]["replies"]
-    total, count = reply_nll(model, tokenizer, [MESSAGES[0]] * 2, replies)
-    if count:  # (both samples may be empty strings from this untrained model)
-        assert metrics["per_prompt"]["reference_nll"][0] == pytest.approx(total / count, rel=1e-5)
+    checked = 0
+    for i, sampled in enumerate(results["samples"]["tiny"]):
+        total, count = reply_nll(model, tokenizer, [MESSAGES[i]] * 2, sampled["replies"])
+        got = metrics["per_prompt"]["reference_nll"][i]
+        if count == 0:  # both samples empty (an untrained model may stop at once): no token, no NLL
+            assert got is None
+        else:
+            assert got == pytest.approx(total / count, rel=1e-5)
+            checked += 1
+    assert checked >= 1  # reference_nll > 0 above: some prompt had sampled tokens
     total, count = reply_nll(model, tokenizer, [MESSAGES[1]], ["BEEP. All systems nominal."])
     assert metrics["per_prompt"]["heldout_nll"][1] == pytest.approx(total / count, rel=1e-5)
     assert metrics["style_accuracy"] is not None and metrics["mode_coverage"] is None  # no corpus labels here

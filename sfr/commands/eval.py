@@ -1,4 +1,4 @@
-"""``sfr eval dialogue`` and ``sfr eval code``: the command-line face of :mod:`sfr.eval`."""
+"""``sfr eval dialogue`` and ``sfr eval code``: the command line of :mod:`sfr.eval`."""
 from __future__ import annotations
 
 import argparse

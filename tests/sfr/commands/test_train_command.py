@@ -6,8 +6,8 @@ import torch
 from tiny_models import one_thread  # noqa: F401  (an autouse fixture)
 
 from sfr.cli import build_parser, main
-from sfr.train_cli import build_arguments, read_config
-from sfr.trainer import TINY_DEFAULTS
+from sfr.commands.train import build_arguments, read_config
+from sfr.training_args import TINY_DEFAULTS
 
 
 def parse(argv):
@@ -80,6 +80,7 @@ def test_malformed_yaml_config_is_a_one_line_error_naming_the_file(tmp_path, cap
     (["--output-dir", "{tmp}/new/run", "--learning-rate", "-1"], "learning_rate must be >= 0"),
     (["--output-dir", "{tmp}/new/run", "--per-device-train-batch-size", "0"], "per_device_train_batch_size"),
     (["--output-dir", "{tmp}/new/run", "--loss-backend", "triton"], "the Triton kernels need CUDA"),
+    (["--output-dir", "{tmp}/new/run", "--model", "{tmp}/no-model"], "cannot load model '{tmp}/no-model'"),
 ])
 def test_bad_input_is_an_error_line_and_leaves_no_output_dir(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -87,13 +88,13 @@ def test_bad_input_is_an_error_line_and_leaves_no_output_dir(tmp_path, capsys, m
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err
-    assert "sfr train: error: " in err and message in err and "Traceback" not in err
+    assert "sfr train: error: " in err and message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
 
 
 def test_summary_reports_the_step_count_and_a_trend_only_between_two_logged_steps():
-    from sfr.train_cli import _summary
-    from sfr.trainer import TrainResult
+    from sfr.commands.train import _summary
+    from sfr.train import TrainResult
 
     def summary(logged, **metrics):
         return _summary(TrainResult("out", logged, metrics, global_step=15), 1.0)
@@ -189,7 +190,7 @@ def test_sfr_train_with_a_model_path_and_raw_data_prepares_and_caches_it(tmp_pat
 
 
 def test_tiny_defaults_scale_warmup_and_phases_with_max_steps_unless_set(tmp_path):
-    from sfr.trainer import tiny_defaults
+    from sfr.training_args import tiny_defaults
 
     assert tiny_defaults() == TINY_DEFAULTS and tiny_defaults(-1) == TINY_DEFAULTS
     assert tiny_defaults(TINY_DEFAULTS["max_steps"]) == TINY_DEFAULTS

@@ -1,11 +1,11 @@
 """``sfr train``: fine-tune a causal LM with CE + SFR (or plain SFT / MTP) from the command line.
 
-Every field of :class:`sfr.trainer.SFRTrainingArguments` is a flag, in underscore and dash form
+Every field of :class:`sfr.training_args.SFRTrainingArguments` is a flag, in underscore and dash form
 (``--max_steps`` / ``--max-steps``), as ``HfArgumentParser`` makes them. ``--config file.yaml`` reads
 the same names as keys; flags on the command line override the file. With no ``--model`` the
 embedded tiny LM is trained, and every setting the user leaves unset takes its value from
-:data:`sfr.trainer.TINY_DEFAULTS` (a CPU run of about 20 seconds), with warm-up and phase lengths scaled to
-``--max-steps`` (:func:`sfr.trainer.tiny_defaults`).
+:data:`sfr.training_args.TINY_DEFAULTS` (a CPU run of about 20 seconds), with warm-up and phase lengths scaled to
+``--max-steps`` (:func:`sfr.training_args.tiny_defaults`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ scheduler and RNG state, so --resume-from-checkpoint continues exactly).
 
 
 def _training_fields():
-    from sfr.trainer import SFRTrainingArguments
+    from sfr.training_args import SFRTrainingArguments
 
     hints = typing.get_type_hints(SFRTrainingArguments)
     fields = [f for f in dataclasses.fields(SFRTrainingArguments) if f.init]
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "end) replace the defaults shown for those options. Every TrainingArguments option is accepted as well. "
         "An --output-dir that holds a run is refused unless --resume-from-checkpoint or --overwrite-output-dir "
         "is given.")
-    from sfr.trainer import _SCALED_WITH_MAX_STEPS, TINY_DEFAULTS
+    from sfr.training_args import SCALED_WITH_MAX_STEPS, TINY_DEFAULTS
 
     parser.epilog = EPILOG + ("\nwithout --model, unset options take the embedded run's values: "
                               + ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS.items())
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             action.help = f"where the model, sfr_head/ and checkpoints are written (default: ./{DEFAULT_OUTPUT_DIR})"
         elif action.dest in TINY_DEFAULTS and action.help and TINY_DEFAULTS[action.dest] != defaults[action.dest]:
             # The listed default applies with --model only: the embedded default run uses its own value.
-            scaled = ", scaled with --max-steps" if action.dest in _SCALED_WITH_MAX_STEPS else ""
+            scaled = ", scaled with --max-steps" if action.dest in SCALED_WITH_MAX_STEPS else ""
             action.help += f" (default: {defaults[action.dest]}; without --model: {TINY_DEFAULTS[action.dest]}{scaled})"
         elif action.dest in defaults and action.help and "default" not in action.help.lower():
             action.help += f" (default: {defaults[action.dest]})"
@@ -134,7 +134,7 @@ def read_config(path: str) -> dict:
 def build_arguments(values: dict):
     """:class:`SFRTrainingArguments` from explicit values, with the tiny-model defaults when no model is set."""
     from sfr.tiny_lm import DEFAULT_MODEL
-    from sfr.trainer import SFRTrainingArguments, tiny_defaults
+    from sfr.training_args import SFRTrainingArguments, tiny_defaults
 
     values = dict(values)
     if not values.get("output_dir"):  # `sfr train` with no arguments at all trains the embedded default
@@ -169,8 +169,10 @@ def _summary(result, wall_s: float) -> str:
     elif "train_loss" in metrics:
         lines.append(f"  nothing logged (--logging-steps > steps); mean loss over the run: {metrics['train_loss']:.4g}")
     lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
-    if (Path(result.output_dir) / "sfr_head").is_dir():
-        lines.append(f"  flow head: {Path(result.output_dir) / 'sfr_head'} (sfr diagnose --model {result.output_dir})")
+    from sfr.head import HEAD_DIR
+
+    if (Path(result.output_dir) / HEAD_DIR).is_dir():
+        lines.append(f"  flow head: {Path(result.output_dir) / HEAD_DIR} (sfr diagnose --model {result.output_dir})")
     return "\n".join(lines)
 
 
@@ -188,12 +190,12 @@ def main(args) -> int:
         print(f"sfr train: error: {error}", file=sys.stderr)
         return 2
 
-    from sfr.trainer import train
+    from sfr.train import train
 
     started = time.perf_counter()
     try:
         result = train(training_args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError: a model that does not load (sfr.loading)
         print(f"sfr train: error: {error}", file=sys.stderr)
         return 2
     print(_summary(result, time.perf_counter() - started))
