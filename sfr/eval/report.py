@@ -114,7 +114,7 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
     columns = dialogue_columns(rows)
     settings = results.get("settings", {})
     if settings.get("style_chance") is not None:  # the class count and chance next to the accuracy
-        chance = f" ({settings.get('style_classes')} classes, chance {_fmt(settings['style_chance'])})"
+        chance = f" ({settings.get('style_classes')} classes, chance {format_value(settings['style_chance'])})"
         columns = [(key, header + chance if key == "style_accuracy" else header) for key, header in columns]
     table_rows = dict(rows)
     if results.get("corpus"):
@@ -124,8 +124,8 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
         style = (f"Style accuracy: a {kind} persona classifier on sentence embeddings, trained on the data's "
                  f"reference replies, over {settings.get('style_classes')} personas. ")
         if settings.get("style_chance") is not None:
-            style += (f"Without any style it would score {_fmt(settings['style_chance'])} by guessing uniformly "
-                      f"and {_fmt(settings.get('style_majority'))} by always guessing the commonest persona of "
+            style += (f"Without any style it would score {format_value(settings['style_chance'])} by guessing uniformly "
+                      f"and {format_value(settings.get('style_majority'))} by always guessing the commonest persona of "
                       "these prompts. ")
     else:  # fit_persona_classifier needs the references of at least 2 system prompts
         style = ("Style accuracy: not computed: the persona classifier needs reference replies from ≥ 2 personas "
@@ -134,7 +134,7 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
     if settings.get("reference_model"):
         reference = (f"reference-model NLL = the samples' NLL/token under `{settings['reference_model']}` "
                      "(fluency; also rewards bland text)"
-                     + (f", {_fmt(settings['reference_nll_of_references'])} for the data's own replies"
+                     + (f", {format_value(settings['reference_nll_of_references'])} for the data's own replies"
                         if settings.get("reference_nll_of_references") is not None else "") + "; ")
     else:
         reference = "reference-model NLL: not computed (no `--reference-model`); "

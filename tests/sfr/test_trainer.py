@@ -313,29 +313,3 @@ def test_a_run_that_reaches_lambda_max_or_has_no_head_does_not_warn(tmp_path):
             warnings.simplefilter("always")
             trainer.train()
         assert not [w for w in caught if "lambda" in str(w.message) or "phase A" in str(w.message)]
-
-
-def test_a_run_resumed_with_a_longer_max_steps_ends_like_a_run_of_that_length(tmp_path):
-    # issue 15 item 9: the head's init was not seeded (torch's start-up seed differs per process), so two
-    # runs with the same --seed differed; with a constant LR nothing else depends on --max-steps
-    from safetensors.torch import load_file
-
-    from sfr.trainer import train
-
-    tokenizer = _tiny_tokenizer()
-
-    def run(folder, steps, start_seed, **settings):
-        args = make_args(tmp_path / folder, max_steps=steps, save_strategy="steps", save_steps=2,
-                         lr_scheduler_type="constant", **settings)
-        backbone = tiny_backbone(vocab_size=len(tokenizer))
-        torch.manual_seed(start_seed)  # stands for the global RNG state a fresh `sfr train` process starts with
-        train(args, model=backbone, data=tiny_dataset(), tokenizer=tokenizer)
-
-    run("full", 4, start_seed=101)
-    run("part", 2, start_seed=202)
-    run("part", 4, start_seed=303, resume_from_checkpoint="latest")
-    for file in ("model.safetensors", "sfr_head/model.safetensors"):
-        full, resumed = load_file(str(tmp_path / "full" / file)), load_file(str(tmp_path / "part" / file))
-        assert full.keys() == resumed.keys()
-        for key in full:
-            torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=f"{file}: {key}")

@@ -2,6 +2,7 @@
 it cannot be built). Sampling itself: test_eval_generation.py."""
 import gzip
 import json
+import math
 
 import pytest
 import torch
