@@ -43,10 +43,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sfr_kernels.validation import LossShape  # the one shape type of the op (bench rows, work, memory)
 
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "N", "M", "D", "E", "width", "depth", "dtype",
                "p50", "p20", "p80", "device", "torch", "triton", "commit", "timestamp")
@@ -56,7 +57,7 @@ MODES = ("forward", "backward", "full")
 QUANTILES = (0.5, 0.2, 0.8)
 MIN_REPS = 10  # timed runs per measurement on CUDA, at least
 
-# Final hidden size D of the backbones and output size E of the sentence encoders (DESIGN.md §4).
+# Final hidden size D of the backbones and output size E of the sentence encoders (docs/design.md, "Measuring performance").
 MODELS = {"qwen2.5-0.5b": 896, "qwen2.5-1.5b": 1536, "qwen2.5-7b": 3584, "qwen3-32b": 5120}
 ENCODERS = {"minilm": 384, "mpnet": 768, "bge-large": 1024}
 PRESETS = {f"{model}+{encoder}": (d, e) for model, d in MODELS.items() for encoder, e in ENCODERS.items()}
@@ -64,24 +65,6 @@ HEADLINE_PRESET = "qwen2.5-7b+mpnet"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class LossShape:
-    """One benchmark shape of the SFR op: N anchors, M samples, hidden D, embedding E, head Hd/depth/F."""
-
-    N: int
-    M: int
-    D: int
-    E: int
-    width: int = 1024
-    depth: int = 2
-    time_features: int = 64
-
-    def head_params(self) -> int:
-        """P: ``W_c, b_c`` (D·Hd + Hd), ``W_x`` (E·Hd), ``W_t`` (F·Hd), hidden (Hd² + Hd)·L, ``W_o, b_o`` (Hd·E + E)."""
-        hd, layers = self.width, self.depth - 1
-        return (self.D * hd + hd) + self.E * hd + self.time_features * hd + (hd * hd + hd) * layers + (hd * self.E + self.E)
 
 
 def preset_dims(name: str) -> tuple[int, int]:
@@ -317,6 +300,28 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int, *, warmup: int, re
     t50, t20, t80 = bench_ms(lambda: dst.copy_(src), device, warmup=warmup, rep=rep)
     moved = 2.0 * src.numel() * 4
     return tuple(moved / (t * 1e-3) / 1e9 for t in (t50, t80, t20))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def cli(prog: str, doc: str, add_arguments, settings_from_args, run, argv=None) -> int:
+    """The ``main`` of ``python -m bench.loss`` / ``bench.step``: parse, build the settings (a ``ValueError``
+    is a one-line error, status 2), run them into ``--out``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run(settings, args.out)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

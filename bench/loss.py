@@ -330,18 +330,5 @@ def measure_one(loss_fn, label, inputs, head, shape: LossShape, mode: str, setti
     return rows
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    run(settings, args.out)
-    return 0
-
-
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m bench.loss", description=__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_parser)
-    sys.exit(main(_parser.parse_args()))
+    sys.exit(common.cli("python -m bench.loss", __doc__, add_arguments, settings_from_args, run))

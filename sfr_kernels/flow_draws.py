@@ -1,7 +1,7 @@
 """The flow-matching draws and the head's input, generated once: ``X = [x_s | e_s]``.
 
 For the (anchor, sample) rows ``r = a*M + m``, exactly what the reference draws (docs/design.md,
-"RNG layout"; ``sfr_kernels.reference``)::
+"Random draws (Philox layout)"; ``sfr_kernels.reference``)::
 
     x0[r, j] = source_std * randn(seed, r*E + j)          (or the explicit noise, loaded)
     s[r]     = rand(seed + 1, r)                          uniform       (TIME_MODE 1)
@@ -32,6 +32,7 @@ from sfr_kernels.reference import TIME_MODES
 _EXPLICIT = tl.constexpr(TIME_MODES["explicit"])
 _UNIFORM = tl.constexpr(TIME_MODES["uniform"])
 _LOGIT_NORMAL = tl.constexpr(TIME_MODES["logit_normal"])
+_ZERO = tl.constexpr(TIME_MODES["zero"])
 
 
 @triton.jit
@@ -135,7 +136,10 @@ def flow_inputs_kernel(
     s_feat = time_for_features(s, x_dtype, freq_ptr)
     for f0 in range(0, F, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F).to(tl.int64)
-        feats = time_features(s_feat, freq_ptr, cols, row_mask, F)
+        if TIME_MODE == _ZERO:  # s = 0 (the MTP preset): cos 0 = 1 and sin 0 = 0 exactly, no sin/cos to evaluate
+            feats = tl.where(row_mask[:, None] & (cols < F // 2)[None, :], 1.0, 0.0)
+        else:
+            feats = time_features(s_feat, freq_ptr, cols, row_mask, F)
         tl.store(x_ptr + rows[:, None] * stride_x + E + cols[None, :], feats.to(x_dtype),
                  mask=row_mask[:, None] & (cols < F)[None, :])
 

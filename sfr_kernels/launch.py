@@ -84,7 +84,7 @@ def launch_configs(dtype: torch.dtype = torch.bfloat16, target: str | None = Non
                              scatter=dict(BLOCK_D=256, num_warps=4), min_rows_per_split=32)
     if target != "gpu":
         raise ValueError(f"target (or ${TILES_ENV}) must be 'gpu' or 'interpreter', got {target!r}")
-    inputs = dict(BLOCK_R=64, BLOCK_E=64, BLOCK_F=64, num_warps=8)
+    inputs = dict(BLOCK_R=32, BLOCK_E=64, BLOCK_F=64, num_warps=8)
     scatter = dict(BLOCK_D=256, num_warps=4)
     if dtype == torch.float32:
         gemm = _gemm(64, 64, 32, 4, 3)

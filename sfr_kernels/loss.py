@@ -31,12 +31,12 @@ def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_s
     Args:
         hidden: ``[N, D]`` anchor states, or ``[B, T, D]`` / ``[B*T, D]`` with ``anchor_index``.
         target: ``[N, E]`` target embeddings ``y``.
-        head: the flow head (``sfr.FlowHead``): ``head(x_t [N,M,E], t [N,M], h [N,D]) -> [N,M,E]``.
+        head: the flow head (``sfr.FlowHead``): ``head(x_s [N,M,E], s [N,M], h [N,D]) -> [N,M,E]``.
         anchor_index: int64 ``[N]`` flat positions ``b*T + t`` into ``hidden``.
         num_samples: ``M`` source/time draws per anchor.
         source_std: ``sigma`` of the Gaussian source (0: deterministic source).
         time_sampling: ``"uniform"`` | ``"logit_normal"`` (``sigmoid(time_mean + time_std z)``) | ``"zero"``.
-        seed: int or 0-dim int64 tensor; draws follow the Philox layout of DESIGN.md section 2.
+        seed: int or 0-dim int64 tensor; draws follow docs/design.md, "Random draws (Philox layout)".
         noise, time: explicit ``x0 [N, M, E]`` (used as is) and ``s [N, M]``, overriding the draws.
         weight: non-negative per-anchor weights ``[N]``.
         grad_scale: ``lambda``: the gradient into ``hidden`` is multiplied by it; 0 = none at all.

@@ -21,10 +21,21 @@ MAX_SEED = 2**63 - 2  # the time stream uses seed + 1, which must still fit in i
 
 @dataclass(frozen=True)
 class LossShape:
-    num_anchors: int  # N
-    num_samples: int  # M
-    hidden_size: int  # D
-    embed_dim: int  # E
+    """The size of one SFR loss: ``N`` anchors, ``M`` samples each, hidden size ``D``, embedding size ``E``,
+    and the head's ``width`` (Hd), ``depth`` and ``time_features`` (F) -- the default head's unless given."""
+
+    N: int
+    M: int
+    D: int
+    E: int
+    width: int = 1024
+    depth: int = 2
+    time_features: int = 64
+
+    def head_params(self) -> int:
+        """P: ``W_c, b_c`` (D·Hd + Hd), ``W_x`` (E·Hd), ``W_t`` (F·Hd), hidden (Hd² + Hd)·(depth-1), ``W_o, b_o`` (Hd·E + E)."""
+        hd, layers = self.width, self.depth - 1
+        return (self.D * hd + hd) + self.E * hd + self.time_features * hd + (hd * hd + hd) * layers + (hd * self.E + self.E)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -156,4 +167,5 @@ def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_
         _require_device("weight", weight, device)
         if weight.device.type == "cpu" and n > 0 and bool((weight < 0).any()):
             raise ValueError("weight must be non-negative")
-    return LossShape(num_anchors=n, num_samples=m, hidden_size=d, embed_dim=e)
+    head_dims = {k: getattr(head, k) for k in ("width", "depth", "time_features") if isinstance(getattr(head, k, None), int)}
+    return LossShape(N=n, M=m, D=d, E=e, **head_dims)

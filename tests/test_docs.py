@@ -44,5 +44,5 @@ def test_every_cited_document_and_section_exists():
             headings = re.findall(r"^#+ (.+)$", (ROOT / doc).read_text(encoding="utf-8"), flags=re.M)
             assert section in headings, f"{path} cites section {section!r} of {doc}; its sections are {headings}"
     # The spec outside the repository is not cited by the library (users never see it).
-    for path in sorted((ROOT / "sfr").glob("**/*.py")):
+    for path in sorted([*(ROOT / "sfr").glob("**/*.py"), *(ROOT / "sfr_kernels").glob("*.py"), *(ROOT / "bench").glob("*.py")]):
         assert "DESIGN.md" not in path.read_text(encoding="utf-8"), path

@@ -2,7 +2,7 @@
 
 The draws are checked at row indices far beyond int32 (``r*E + j > 2**32``), which the end-to-end
 tests cannot reach on a CPU: if any offset were computed in int32 it would wrap and the numbers
-would differ from the int64 Philox layout (docs/design.md, "RNG layout").
+would differ from the int64 Philox layout (docs/design.md, "Random draws (Philox layout)").
 """
 import os
 

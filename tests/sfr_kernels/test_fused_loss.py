@@ -21,6 +21,7 @@ import torch
 
 from sfr import FlowHead
 from sfr_kernels import fused_loss, head_support, launch, sfr_loss
+from sfr_kernels.testing import loss_and_grads
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -46,15 +47,7 @@ def make_head(d, e, width=32, depth=2, time_features=16, seed=0):
     return head
 
 
-def run(backend, hidden, target, head, loss_scale=1.0, **kwargs):
-    """Loss and every gradient (hidden first, then the head parameters by name)."""
-    hidden = hidden.detach().clone().requires_grad_(True)
-    head.zero_grad(set_to_none=True)
-    loss = sfr_loss(hidden, target, head, backend=backend, **kwargs)
-    (loss * loss_scale).backward()
-    grads = {"hidden": hidden.grad}
-    grads.update({name: p.grad for name, p in head.named_parameters()})
-    return loss.detach(), grads
+run = loss_and_grads  # loss and every gradient (hidden first, then the head parameters by name)
 
 
 def assert_matches_reference(hidden, target, head, **kwargs):
@@ -269,8 +262,8 @@ def test_frozen_head_parameters_get_no_gradient():
 
 
 class _ShiftedHead(FlowHead):
-    def forward(self, x_t, t, h):
-        return super().forward(x_t, t, h) + 1.0
+    def forward(self, x_s, s, h):
+        return super().forward(x_s, s, h) + 1.0
 
 
 class _OtherKindHead(FlowHead):

@@ -1,4 +1,4 @@
-"""The reference SFR objective against hand-written formulas (DESIGN.md sections 1-2)."""
+"""The reference SFR objective against hand-written formulas (docs/design.md, "The method" and "Contracts")."""
 import pytest
 import torch
 
@@ -18,11 +18,11 @@ def make_head(dtype=torch.float32, seed=0):
 
 
 class RecordingHead(FlowHead):
-    """A FlowHead that remembers the (x_t, t) it was called with."""
+    """A FlowHead that remembers the (x_s, s) it was called with."""
 
-    def forward(self, x_t, t, h):
-        self.seen = (x_t.detach().clone(), t.detach().clone())
-        self.v = super().forward(x_t, t, h)
+    def forward(self, x_s, s, h):
+        self.seen = (x_s.detach().clone(), s.detach().clone())
+        self.v = super().forward(x_s, s, h)
         return self.v
 
 
@@ -61,10 +61,10 @@ def test_loss_equals_hand_formula_with_explicit_noise_and_time():
     h, y = torch.randn(n, D), torch.randn(n, E)
     x0, s = torch.randn(n, m, E), torch.rand(n, m)
     loss = sfr_loss(h, y, head, num_samples=m, noise=x0, time=s)
-    x_t, t = head.seen
+    seen_x, seen_s = head.seen
     expected_x = (1 - s[..., None]) * x0 + s[..., None] * y[:, None]
-    assert torch.allclose(x_t, expected_x, atol=1e-6)
-    assert torch.equal(t, s)
+    assert torch.allclose(seen_x, expected_x, atol=1e-6)
+    assert torch.equal(seen_s, s)
     u = y[:, None] - x0
     per_anchor = ((head.v.detach() - u) ** 2).sum(dim=(1, 2)) / (m * E)
     assert torch.allclose(loss, per_anchor.mean(), rtol=1e-6)
@@ -128,8 +128,8 @@ class FunctionalHead(torch.nn.Module):
         super().__init__()
         self.head, self.params = head, params
 
-    def forward(self, x_t, t, h):
-        return torch.func.functional_call(self.head, self.params, (x_t, t, h))
+    def forward(self, x_s, s, h):
+        return torch.func.functional_call(self.head, self.params, (x_s, s, h))
 
 
 @pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
