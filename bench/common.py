@@ -324,6 +324,13 @@ def cli(prog: str, doc: str, add_arguments, settings_from_args, run, argv=None) 
     return 0
 
 
+def show(table: str, out: Path | None) -> None:
+    """Print a Markdown report, and write it to ``out`` too when given (``bench.work``, ``bench.memory``)."""
+    print(table)
+    if out is not None:
+        Path(out).write_text(table)
+
+
 # ----------------------------------------------------------------------------------------------
 # CSV
 # ----------------------------------------------------------------------------------------------

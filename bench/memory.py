@@ -170,10 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shape, dtype = LossShape(N=args.N, M=args.M, D=args.D, E=args.E), common.DTYPES[args.dtype]
     report = MemoryReport(shape, dtype, {p: peak_bytes(p, shape, dtype) for p in args.providers})
-    table = report.render()
-    print(table)
-    if args.out is not None:
-        args.out.write_text(table)
+    common.show(report.render(), args.out)
     return 0
 
 

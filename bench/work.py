@@ -364,10 +364,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shape = LossShape(N=args.N, M=args.M, D=args.D, E=args.E, width=args.width, depth=args.depth)
     summary = count_work(shape, common.DTYPES[args.dtype])
-    table = render(summary)
-    print(table)
-    if args.out is not None:
-        args.out.write_text(table)
+    common.show(render(summary), args.out)
     return 0
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from sfr_kernels.flow_draws import anchor_of
-from sfr_kernels.matmul import grouped_tile, matmul_tile
+from sfr_kernels.matmul import matmul_tile, output_tile
 
 
 @triton.jit
@@ -42,11 +42,7 @@ def linear_silu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of ``z = A W^T + bias`` and ``a = silu(z)``; 1-D grid over the tiles."""
-    tile_m, tile_n = grouped_tile(tl.program_id(0), R, NOUT, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < R
-    col_mask = cols < NOUT
+    tile_m, tile_n, rows, cols, row_mask, col_mask = output_tile(R, NOUT, BLOCK_M, BLOCK_N, GROUP_M)
     acc = matmul_tile(a_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_a, 1, 1, stride_w,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
 
@@ -75,11 +71,7 @@ def linear_silu_backward_kernel(
     anchor's M rows, ``anchor_sum[a] = sum_m dz[a*M + m]`` (the conditioning's gradient ``dc``): a
     tile holds whole anchors, so they need no other program.
     """
-    tile_m, tile_n = grouped_tile(tl.program_id(0), R, NZ, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < R
-    col_mask = cols < NZ
+    tile_m, tile_n, rows, cols, row_mask, col_mask = output_tile(R, NZ, BLOCK_M, BLOCK_N, GROUP_M)
     acc = matmul_tile(dy_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_dy, 1, stride_w, 1,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from sfr_kernels.flow_draws import anchor_of, flow_source
-from sfr_kernels.matmul import grouped_tile, matmul_tile
+from sfr_kernels.matmul import matmul_tile, output_tile
 
 
 @triton.jit
@@ -31,11 +31,7 @@ def output_loss_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of ``v``: writes ``row_sq[:, tile_n]`` and (WRITE_GRAD) ``g_v``."""
-    tile_m, tile_n = grouped_tile(tl.program_id(0), R, E, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < R
-    col_mask = cols < E
+    tile_m, tile_n, rows, cols, row_mask, col_mask = output_tile(R, E, BLOCK_M, BLOCK_N, GROUP_M)
     acc = matmul_tile(a_ptr, w_ptr, rows, cols, row_mask, col_mask, 0, K, stride_a, 1, 1, K,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
 
