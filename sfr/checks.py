@@ -59,3 +59,87 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False, why
         allowed = f"an int >= {minimum}" + (" or None" if optional else "")
         raise ValueError(f"{name} must be {allowed}{why}, got {value!r}")
     return value
+
+
+def check_local_or_hub(name_or_path, argument: str, what: str = "model", hub_ids=None) -> None:
+    """``ValueError`` ``ARGUMENT NAME: why`` when :func:`why_not_loadable` finds ``name_or_path``
+    neither a directory nor a hub model that can be fetched; in seconds, so it can run before any work."""
+    reason = why_not_loadable(name_or_path, what, hub_ids)
+    if reason is not None:
+        raise ValueError(f"{argument} {name_or_path}: {reason}")
+
+
+def why_not_loadable(name_or_path, what: str = "model", hub_ids=None) -> str | None:
+    """``None`` when ``name_or_path`` can load, else why not, in one line.
+
+    Loadable: an existing directory, a hub id in the local Hugging Face cache, or a hub id that the hub
+    confirms. Not: a path-like name (``./x``, ``a/b/c``, ``/x``, ``~/x``: not a valid hub id) that is no
+    directory -> "directory ... does not exist"; a hub-style name -> that, and why the hub did not help:
+    offline mode (``HF_HUB_OFFLINE``: the hub is not asked), the hub could not be reached (one request
+    with a 5 s timeout, instead of the ~55 s of retries ``from_pretrained`` spends) or it has no such
+    model. Any other answer of the hub (a gated model, a server error) counts as loadable: the loader
+    then reports what goes wrong.
+
+    ``hub_ids``: the hub ids that ``name_or_path`` may stand for (default: the name itself; a sentence
+    encoder's bare name is also looked up under ``sentence-transformers/``).
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{os.path.abspath(path)} is a file, not a {what} directory"
+    no_dir = f"directory {os.path.abspath(path)} does not exist"
+    valid_ids = [repo_id for repo_id in (hub_ids or [text]) if _is_hub_id(repo_id)]
+    if not valid_ids:
+        return no_dir
+    if any(_in_hub_cache(repo_id) for repo_id in valid_ids):
+        return None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (f"{no_dir}, and no hub {what} {text} is in the Hugging Face cache (HF_HUB_OFFLINE is set, so "
+                "the hub was not asked)")
+    answers = [_ask_hub(repo_id) for repo_id in valid_ids]
+    if "exists" in answers:
+        return None
+    if all(answer == "missing" for answer in answers):
+        return f"{no_dir}, and the Hugging Face hub has no {what} {text} (a private one needs `hf auth login`)"
+    reason = next(answer for answer in answers if answer != "missing")
+    return (f"{no_dir}, and the Hugging Face hub could not be reached to look it up ({reason}); it is not in "
+            "the local cache either")
+
+
+def _is_hub_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _ask_hub(repo_id: str, timeout: float = 5.0) -> str:
+    """``"exists"`` (or gated, or any answer but "not found"), ``"missing"``, or why the hub could not be
+    reached. One request, no retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except GatedRepoError:
+        return "exists"
+    except RepositoryNotFoundError:
+        return "missing"
+    except HfHubHTTPError:  # the hub answered, with something else: let the loader report it
+        return "exists"
+    except Exception as error:  # connection refused, DNS failure, timeout (httpx's errors, not OSError)
+        return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    return "exists"

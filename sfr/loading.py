@@ -5,8 +5,28 @@ diagnostics (:mod:`sfr.diagnostics`) and the demo (:mod:`sfr.demo`) all call
 :func:`load_model_and_tokenizer`; ``bench.step`` picks its attention with
 :func:`attention_implementation`. A model is named by a local directory, a hub id (from the Hugging
 Face cache when offline), or ``"sfr-tiny"`` / ``None``: the embedded tiny LM (:mod:`sfr.tiny_lm`).
+Every command checks its ``--model`` / ``--reference-model`` with :func:`check_model` before any other
+work, so a name that cannot load is a one-line error in seconds.
 """
 from __future__ import annotations
+
+import os
+
+from sfr.checks import check_local_or_hub, why_not_loadable
+
+
+def check_model(name_or_path, argument: str = "--model") -> None:
+    """``ValueError`` in one line, in seconds, when ``name_or_path`` is neither ``None`` / ``"sfr-tiny"``,
+    an existing directory, nor a hub model that is cached or that the hub confirms
+    (:func:`sfr.checks.why_not_loadable`). Model objects pass (they are not names)."""
+    if _is_name(name_or_path):
+        check_local_or_hub(name_or_path, argument, "model")
+
+
+def _is_name(name_or_path) -> bool:
+    from sfr.tiny_lm import DEFAULT_MODEL
+
+    return isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path) != DEFAULT_MODEL
 
 
 def attention_implementation(requested: str | None = None, half_precision: bool = False) -> str:
@@ -44,6 +64,9 @@ def load_model_and_tokenizer(name_or_path=None, *, device=None, dtype=None, attn
     from sfr.tiny_lm import resolve_model_name_or_path
 
     path = resolve_model_name_or_path(name_or_path)
+    reason = why_not_loadable(path, "model") if _is_name(name_or_path) else None
+    if reason is not None:  # in seconds, not after from_pretrained's retries
+        raise OSError(f"cannot load model {str(name_or_path)!r}: {reason}")
     kwargs = {}
     if dtype is not None:
         kwargs["dtype" if _transformers_version() >= (4, 56) else "torch_dtype"] = dtype  # its name before 4.56

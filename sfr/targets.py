@@ -58,7 +58,8 @@ import numpy as np
 
 from sfr.checks import check_device, check_int, check_output_dir
 from sfr.data import IGNORE_INDEX, load_records, tokenize_example, validate_records
-from sfr.encoder import embedding_dimension, encode_texts, load_encoder, resolve_encoder
+from sfr.encoder import check_encoder, embedding_dimension, encode_texts, load_encoder, resolve_encoder
+from sfr.loading import check_model
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,9 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
     check_int("num_proc", num_proc)
     check_int("max_length", max_length, 2, optional=True)
     check_device(device, "--device")
+    check_model(model, "--model")  # a model or encoder that cannot load: one line in seconds, not at the end
+    if encoder is not None:
+        check_encoder(encoder, "--encoder")
     if out is not None:  # before the data is loaded and tokenised, not when the rows are written
         out = check_output_dir(out, "--out")
     timings = {}

@@ -21,7 +21,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sfr.checks import check_output_dir
 from sfr.head import HEAD_CONFIG, HEAD_DIR
-from sfr.loading import attention_implementation, load_model_and_tokenizer
+from sfr.encoder import check_encoder
+from sfr.loading import attention_implementation, check_model, load_model_and_tokenizer
 from sfr.model import SFRModel, find_decoder, find_lm_head
 from sfr.trainer import EMAUpdateCallback, SFRTrainer
 from sfr.training_args import SFRTrainingArguments
@@ -92,6 +93,10 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     if not isinstance(args, SFRTrainingArguments):
         raise TypeError(f"args must be SFRTrainingArguments, got {type(args).__name__}")
     output_dir = check_output_dir(args.output_dir)
+    # A model or encoder that cannot load: one line in seconds, not after the hub's retries or the data.
+    check_model(args.model if model is None else model, "--model")
+    if args.encoder is not None:
+        check_encoder(args.encoder, "--encoder")
     _check_loss_backend(args, model)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:

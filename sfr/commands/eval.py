@@ -116,12 +116,28 @@ def main(args) -> int:
         return 2
     try:
         check_output_dir(args.out, "--out")  # before any sampling: a bad --out must not cost the run
+        _check_models(args)
         if command == "code":
             return _code(args)
         return _dialogue(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # bad input, unloadable model, no sandbox
         print(f"sfr eval {command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_models(args) -> None:
+    """Every --model, --reference-model and --encoder that cannot load: one line, in seconds, before
+    any sampling (:func:`sfr.loading.check_model`, :func:`sfr.encoder.check_encoder`)."""
+    from sfr.loading import check_model
+
+    for model in args.model:
+        check_model(model, "--model")
+    if getattr(args, "reference_model", None) is not None:
+        check_model(args.reference_model, "--reference-model")
+    if args.eval_command == "dialogue":  # its embedding metrics always need the encoder
+        from sfr.encoder import check_encoder
+
+        check_encoder(args.encoder, "--encoder")
 
 
 def _code(args) -> int:

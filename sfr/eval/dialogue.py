@@ -233,8 +233,9 @@ def load_encoder(name_or_path=None, device: str | None = None):
     device) and then reused (encoding has no state)."""
     import torch
 
-    from sfr.encoder import resolve_encoder
+    from sfr.encoder import check_encoder, resolve_encoder
 
+    check_encoder(name_or_path, "encoder")  # in seconds, not after the hub's retries
     path = str(resolve_encoder(name_or_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return _cached_encoder(path, device)

