@@ -4,6 +4,7 @@ Each raises ``ValueError`` with a message that names the argument, so the CLI pr
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -90,17 +91,17 @@ def why_not_loadable(name_or_path, what: str = "model", hub_ids=None) -> str | N
     if path.exists():
         return f"{os.path.abspath(path)} is a file, not a {what} directory"
     no_dir = f"directory {os.path.abspath(path)} does not exist"
-    valid_ids = [repo_id for repo_id in (hub_ids or [text]) if _is_hub_id(repo_id)]
+    valid_ids = [repo_id for repo_id in (hub_ids or [text]) if is_hub_id(repo_id)]
     if not valid_ids:
         return no_dir
-    if any(_in_hub_cache(repo_id) for repo_id in valid_ids):
+    if any(in_hub_cache(repo_id) for repo_id in valid_ids):
         return None
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return (f"{no_dir}, and no hub {what} {text} is in the Hugging Face cache (HF_HUB_OFFLINE is set, so "
                 "the hub was not asked)")
-    answers = [_ask_hub(repo_id) for repo_id in valid_ids]
+    answers = [ask_hub(repo_id) for repo_id in valid_ids]
     if "exists" in answers:
         return None
     if all(answer == "missing" for answer in answers):
@@ -110,7 +111,8 @@ def why_not_loadable(name_or_path, what: str = "model", hub_ids=None) -> str | N
             "the local cache either")
 
 
-def _is_hub_id(text: str) -> bool:
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is a valid hub repo id (``name`` or ``org/name``; not ``./x``, ``a/b/c``, ...)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -120,13 +122,15 @@ def _is_hub_id(text: str) -> bool:
     return True
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s ``config.json``."""
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def _ask_hub(repo_id: str, timeout: float = 5.0) -> str:
+@functools.lru_cache(maxsize=64)  # one question per model and process
+def ask_hub(repo_id: str, timeout: float = 5.0) -> str:
     """``"exists"`` (or gated, or any answer but "not found"), ``"missing"``, or why the hub could not be
     reached. One request, no retries."""
     from huggingface_hub import HfApi

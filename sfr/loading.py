@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from sfr.checks import check_local_or_hub, why_not_loadable
+from sfr.checks import ask_hub, check_local_or_hub, in_hub_cache, is_hub_id, why_not_loadable
 
 
 def check_model(name_or_path, argument: str = "--model") -> None:
@@ -21,6 +21,22 @@ def check_model(name_or_path, argument: str = "--model") -> None:
     (:func:`sfr.checks.why_not_loadable`). Model objects pass (they are not names)."""
     if _is_name(name_or_path):
         check_local_or_hub(name_or_path, argument, "model")
+
+
+def local_copy(path: str) -> str:
+    """The cached snapshot directory of hub id ``path`` when the hub cannot be reached, else ``path``.
+
+    ``from_pretrained`` of a cached hub id with no network retries the hub for minutes before it falls
+    back to the cache (measured: 3 min, ``local_files_only=True`` still 26 s: transformers' adapter
+    lookup ignores it); from the snapshot directory it loads at once. Offline mode
+    (``HF_HUB_OFFLINE``) already loads from the cache without asking."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE or os.path.isdir(path) or not is_hub_id(path) or not in_hub_cache(path):
+        return path
+    if ask_hub(path) in ("exists", "missing"):  # the hub answered: let from_pretrained use it
+        return path
+    return snapshot_download(path, local_files_only=True)
 
 
 def _is_name(name_or_path) -> bool:
@@ -67,6 +83,7 @@ def load_model_and_tokenizer(name_or_path=None, *, device=None, dtype=None, attn
     reason = why_not_loadable(path, "model") if _is_name(name_or_path) else None
     if reason is not None:  # in seconds, not after from_pretrained's retries
         raise OSError(f"cannot load model {str(name_or_path)!r}: {reason}")
+    path = local_copy(path)
     kwargs = {}
     if dtype is not None:
         kwargs["dtype" if _transformers_version() >= (4, 56) else "torch_dtype"] = dtype  # its name before 4.56

@@ -408,8 +408,10 @@ def _check_finite(embeddings, unique_texts, rows, anchor_texts, source):
 def _load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
+    from sfr.loading import local_copy
+
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(local_copy(name_or_path))
     except Exception as error:
         raise ValueError(f"could not load the tokenizer of model {name_or_path!r}: {type(error).__name__}: "
                          f"{error}") from error

@@ -20,8 +20,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sfr.checks import check_output_dir
-from sfr.head import HEAD_CONFIG, HEAD_DIR
 from sfr.encoder import check_encoder
+from sfr.head import HEAD_CONFIG, HEAD_DIR
 from sfr.loading import attention_implementation, check_model, load_model_and_tokenizer
 from sfr.model import SFRModel, find_decoder, find_lm_head
 from sfr.trainer import EMAUpdateCallback, SFRTrainer

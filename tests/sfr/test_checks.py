@@ -59,61 +59,6 @@ def test_check_int_returns_the_value_and_names_the_argument_otherwise():
 
 
 # ---- a model or encoder that cannot load: one line in seconds (issue 15, item 1) -------------------------
-@pytest.fixture
-def hub(monkeypatch, tmp_path_factory):
-    """The Hugging Face hub at a local HTTP server: ``org/there`` exists, every other repo is not found.
-
-    ``hub.requests`` lists the paths asked; ``hub.online()`` leaves offline mode (the tests run with
-    ``HF_HUB_OFFLINE=1``), ``hub.unreachable()`` points the hub at a closed port."""
-    import http.server
-    import json
-    import threading
-
-    from huggingface_hub import constants
-
-    requests = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            requests.append(self.path)
-            found = self.path.startswith("/api/models/org/there")
-            body = json.dumps({"id": "org/there"} if found else {"error": "Repository not found"}).encode()
-            self.send_response(200 if found else 404)
-            if not found:
-                self.send_header("X-Error-Code", "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    class Hub:
-        def online(self):
-            monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-            monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-
-        def unreachable(self):
-            import socket
-
-            with socket.socket() as probe:  # a port that was free a moment ago: connection refused
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-            monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-
-    hub_object = Hub()
-    hub_object.requests = requests
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
-    yield hub_object
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_path_that_is_no_directory_says_so_without_asking_the_hub(tmp_path, hub, monkeypatch):
     from sfr.checks import check_local_or_hub, why_not_loadable
 
@@ -150,16 +95,10 @@ def test_a_hub_style_name_says_the_hub_could_not_be_reached_in_seconds(tmp_path,
                                                  "needs `hf auth login`)")
 
 
-def test_a_hub_model_in_the_local_cache_passes_offline(tmp_path, hub, monkeypatch):
-    from huggingface_hub import constants
-
+def test_a_hub_model_in_the_local_cache_passes_offline(hub):
     from sfr.checks import why_not_loadable
 
-    snapshot = tmp_path / "models--org--cached" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (tmp_path / "models--org--cached" / "refs").mkdir()
-    (tmp_path / "models--org--cached" / "refs" / "main").write_text("abc123")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    hub.cache("org/cached")
     assert why_not_loadable("org/cached") is None
     assert "HF_HUB_OFFLINE" in why_not_loadable("org/other")
+    assert hub.requests == []

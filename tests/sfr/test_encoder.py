@@ -26,19 +26,12 @@ def test_resolve_encoder_aliases(tmp_path):
         resolve_encoder(3)
 
 
-def test_an_encoder_that_cannot_load_is_one_line_in_seconds(tmp_path, monkeypatch):
+def test_an_encoder_that_cannot_load_is_one_line_in_seconds(tmp_path, monkeypatch, hub):
     import sys
-
-    from huggingface_hub import constants
 
     check_encoder(None)  # the default, from its package
     check_encoder(tmp_path)  # a directory
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    snapshot = tmp_path / "models--sentence-transformers--cached-encoder" / "snapshots" / "0"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0")
+    hub.cache("sentence-transformers/cached-encoder")
     check_encoder("cached-encoder")  # a bare name is sentence-transformers/NAME on the hub, as ST reads it
     with pytest.raises(ValueError, match=r"^--encoder nope: directory .*nope does not exist, and no hub sentence "
                                          r"encoder nope is in the Hugging Face cache \(HF_HUB_OFFLINE is set"):

@@ -35,3 +35,19 @@ def test_a_missing_model_is_an_oserror_that_names_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError, match="cannot load model .*empty"):
         load_model_and_tokenizer(tmp_path / "empty", attn_implementation="sdpa")
+
+
+def test_a_cached_hub_model_loads_from_its_snapshot_when_the_hub_cannot_be_reached(hub):
+    from sfr.loading import local_copy
+    from sfr.tiny_lm import default_model_path
+
+    snapshot = hub.cache("org/tiny", source=default_model_path())
+    assert local_copy("org/tiny") == "org/tiny"  # offline mode: from_pretrained reads the cache itself
+    hub.unreachable()
+    assert local_copy("org/tiny") == str(snapshot)  # not minutes of retries first
+    model, tokenizer = load_model_and_tokenizer("org/tiny")
+    assert model.name_or_path == str(snapshot) and len(tokenizer) <= model.config.vocab_size
+    assert local_copy("org/elsewhere") == "org/elsewhere"  # not cached: the check reports it
+    hub.online()
+    hub.cache("org/there")
+    assert local_copy("org/there") == "org/there"  # the hub answers: from_pretrained may check for updates
