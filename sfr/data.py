@@ -11,6 +11,11 @@ Record formats (the TRL ones):
   eos`` otherwise) or both message lists (conversational; the loss is on the completion's assistant
   turns).
 
+* **code problems**: HumanEval (``task_id, prompt, entry_point, test, canonical_solution``) and MBPP
+  (``task_id, prompt`` or ``text``, ``test_list``, ``code``) records, the files ``sfr eval code`` reads,
+  become prompt-completion examples (:func:`code_problems_as_examples`): the completion-style prompt
+  ``sfr eval code`` gives a base model and the reference solution.
+
 Sources (:func:`load_records`): a ``.jsonl`` file (``.jsonl.gz`` too), a ``.json`` file holding a
 list, a Synthetic-Persona-Chat ``.csv`` (converted by :func:`convert_persona_chat`), a directory
 written by ``datasets``' ``save_to_disk`` or holding data files, or a ``datasets`` hub name (needs the
@@ -78,8 +83,28 @@ def load_records(path_or_name, split: str = "train") -> list[dict]:
         raise FileNotFoundError(f"data file not found: {path}")
     else:
         records, lines = _load_hub_dataset(str(path_or_name), split), None
+    records = code_problems_as_examples(records, str(path_or_name))
     validate_records(records, str(path_or_name), lines)
     return records
+
+
+def code_problems_as_examples(records: list, source: str) -> list:
+    """``records`` with every HumanEval / MBPP problem (the formats ``sfr eval code`` reads) replaced by a
+    prompt/completion example: the problem's completion-style prompt and its reference solution
+    (:func:`sfr.eval.code.training_example`); other records unchanged. ``ValueError`` naming ``source``
+    for a problem without a reference solution."""
+    if all(record_format(record) is not None for record in records):
+        return records
+    from sfr.eval.code import code_problem, training_example
+
+    converted = []
+    for record in records:
+        problem = code_problem(record) if isinstance(record, dict) and record_format(record) is None else None
+        try:
+            converted.append(record if problem is None else training_example(problem))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+    return converted
 
 
 def validate_records(records, source: str, lines: list[int] | None = None) -> None:

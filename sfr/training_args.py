@@ -61,7 +61,8 @@ class SFRTrainingArguments(TrainingArguments):
     model: str | None = field(default=None, metadata={"help": (
         "model to fine-tune: a Hugging Face name or local path; unset or 'sfr-tiny' = the embedded tiny LM")})
     data: str | None = field(default=None, metadata={"help": (
-        "training data: a JSONL/JSON file of chat examples (prepared and cached automatically) or a directory "
+        "training data: any file `sfr prepare --data` reads (chat or prompt/completion JSONL/JSON, a "
+        "Synthetic-Persona-Chat CSV, HumanEval/MBPP; prepared and cached automatically) or a directory "
         "written by `sfr prepare`; unset = the embedded persona corpus")})
     objective: str = field(default="sfr", metadata={"choices": OBJECTIVES, "help": (
         "sfr (CE + flow-matching SFR), sft (plain CE, no head) or mtp (the deterministic Multi-Token-Prediction "

