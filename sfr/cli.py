@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -57,16 +58,23 @@ def _innermost_parser(parser: argparse.ArgumentParser, args) -> argparse.Argumen
 
 
 def _one_line_warnings(prefix: str):
-    """A ``warnings.showwarning`` that prints a ``UserWarning`` (what sfr warns with) as one line,
-    ``PREFIX: warning: message``, without the source location a command-line user cannot act on.
-    Other categories (deprecations of libraries, ...) keep Python's format."""
-    default = warnings.showwarning
+    """A ``warnings.showwarning`` that prints every warning as one line on its own, ``PREFIX: warning:
+    message``, without the source location and code line a command-line user cannot act on.
+
+    The line goes through ``tqdm.write``, which lifts any progress bar out of the way and redraws it
+    below, so a warning never ends up glued to a bar. A message that already starts with the prefix
+    does not repeat it; a warning of another library than sfr names its category (``[FutureWarning]``).
+    """
+    from tqdm import tqdm
+
+    package_dir = os.path.dirname(os.path.abspath(__file__))
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if category is UserWarning:
-            print(f"{prefix}: warning: {message}", file=sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split()).removeprefix(f"{prefix}: ")
+        ours = os.path.abspath(filename).startswith(package_dir + os.sep)
+        if not ours and category is not UserWarning:
+            text += f" [{category.__name__}]"
+        tqdm.write(f"{prefix}: warning: {text}", file=sys.stderr)
 
     return show
 

@@ -265,8 +265,8 @@ def prepare(data=None, out=None, *, model=None, encoder=None, segment_tokens: in
         raise ValueError(f"data set {source!r}: none of its {len(records)} examples has a response token "
                          f"(assistant/completion){cut_hint}")
     if skipped:
-        logger.warning("sfr prepare: skipped %d of %d examples without a response token%s",
-                       skipped, len(records), cut_hint)
+        warnings.warn(f"skipped {skipped} of {len(records)} examples without a response token{cut_hint}",
+                      UserWarning, stacklevel=2)
     num_anchors = sum(len(texts) for texts in anchor_texts)
     unique_texts = list(dict.fromkeys(text for texts in anchor_texts for text in texts))
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,9 +337,12 @@ def _max_length(args: SFRTrainingArguments, backbone, dataset) -> int | None:
 
     longer = pc.sum(pc.greater(pc.list_value_length(column), limit)).as_py() or 0
     if longer:
-        why = "--max-length" if args.max_length else f"warning: the model's context (max_position_embeddings={limit})"
-        _say(f"{why}: {longer} of {len(dataset)} examples are longer than {limit} tokens and are truncated to it "
-             "(anchors past it are dropped)")
+        what = (f"{longer} of {len(dataset)} examples are longer than {limit} tokens and are truncated to it "
+                "(anchors past it are dropped)")
+        if args.max_length:  # asked for
+            _say(f"--max-length: {what}")
+        else:
+            warnings.warn(f"the model's context (max_position_embeddings={limit}): {what}", UserWarning, stacklevel=2)
     return limit
 
 
@@ -368,8 +372,9 @@ def load_training_data(args: SFRTrainingArguments, tokenizer_source: str | None,
         from sfr.tiny_lm import resolve_model_name_or_path
 
         if meta.get("tokenizer") not in (None, resolve_model_name_or_path(tokenizer_source)):
-            _say(f"warning: {data} was prepared with the tokenizer {meta['tokenizer']!r}, the model's is "
-                 f"{resolve_model_name_or_path(tokenizer_source)!r}: make sure they are the same")
+            warnings.warn(f"{data} was prepared with the tokenizer {meta['tokenizer']!r}, the model's is "
+                          f"{resolve_model_name_or_path(tokenizer_source)!r}: make sure they are the same",
+                          UserWarning, stacklevel=2)
         return load_from_disk(str(data)), int(meta["embed_dim"])
     prepared = targets.prepare(data, model=tokenizer_source, encoder=args.encoder,
                                segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,

@@ -57,7 +57,7 @@ class PhaseCheckCallback(TrainerCallback):
             what = (f"the run ends at step {state.max_steps} with lambda = {final:.3g}, before the ramp "
                     f"(phase_a_steps={args.phase_a_steps}, ramp_steps={args.ramp_steps}) reaches "
                     f"lambda_max={args.lambda_max:g}")
-        message = f"sfr train: {what}; shorten --phase-a-steps / --ramp-steps for a run this short"
+        message = f"{what}; shorten --phase-a-steps / --ramp-steps for a run this short"
         # Shown once, attributed to this line: a higher stacklevel would name transformers' callback handler.
         warnings.warn(message, UserWarning, stacklevel=1)
 

@@ -55,18 +55,32 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys, monkeypatch)
     assert capsys.readouterr().err.strip() == "sfr prepare: interrupted"
 
 
-def test_a_commands_user_warnings_print_as_one_line(capsys, monkeypatch):
+def test_every_warning_is_one_line_of_its_own_in_one_format(capsys, monkeypatch):
+    import os
+    import re
+    import sys
     import warnings
 
+    from tqdm import tqdm
+
+    import sfr
     import sfr.commands.prepare
 
     def warns(args):
-        warnings.warn("the cache is stale", UserWarning, stacklevel=2)
-        warnings.warn("this option goes away", FutureWarning, stacklevel=2)  # a library's deprecation: Python's format
+        bar = tqdm(total=4, desc="encode", file=sys.stderr)
+        bar.update(1)  # a progress bar part-way: its line has no newline yet
+        warnings.warn("sfr prepare: the cache is stale", UserWarning, stacklevel=1)  # already prefixed: not twice
+        sandbox = os.path.join(os.path.dirname(sfr.__file__), "eval", "sandbox.py")
+        warnings.warn_explicit("sandbox: no bubblewrap;\n  rlimits only", RuntimeWarning, sandbox, 250)  # sfr's own
+        warnings.warn_explicit("this option goes away", FutureWarning, "/elsewhere/library/module.py", 7)
+        bar.close()
         return 0
 
     monkeypatch.setattr(sfr.commands.prepare, "main", warns)
     assert main(["prepare"]) == 0
     err = capsys.readouterr().err
-    assert "sfr prepare: warning: the cache is stale\n" in err
-    assert "sfr prepare: warning: this option goes away" not in err  # left to Python's (here pytest's) display
+    lines = re.split(r"[\r\n]", err)  # a line of its own: not glued to the bar's text
+    assert "sfr prepare: warning: the cache is stale" in lines
+    assert "sfr prepare: warning: sandbox: no bubblewrap; rlimits only" in lines
+    assert "sfr prepare: warning: this option goes away [FutureWarning]" in lines
+    assert "sandbox.py" not in err and "module.py" not in err and "sfr prepare: sfr prepare" not in err

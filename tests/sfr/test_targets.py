@@ -539,7 +539,7 @@ def test_bad_out_and_device_fail_before_any_work(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
-def test_examples_whose_response_max_length_cuts_away_are_reported(tmp_path, capsys, caplog, encoder):
+def test_examples_whose_response_max_length_cuts_away_are_reported(tmp_path, capsys, encoder):
     persona = " ".join(f"I like thing number {i}." for i in range(20))  # a long context before a short reply
     long_context = {"messages": [{"role": "system", "content": persona}, {"role": "user", "content": "Hi?"},
                                  {"role": "assistant", "content": "Hello, nice to meet you today."}]}
@@ -548,11 +548,12 @@ def test_examples_whose_response_max_length_cuts_away_are_reported(tmp_path, cap
     data.write_text("\n".join(json.dumps(r) for r in (MULTI_TURN, no_answer, long_context)))
     out = tmp_path / "out"
     assert cli_main(["prepare", "--data", str(data), "--out", str(out), "--max-length", "40", "--no-progress"]) == 0
-    assert "skipped 2 without response tokens, 1 of them cut away by --max-length 40;" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "skipped 2 without response tokens, 1 of them cut away by --max-length 40;" in printed.out
     counts = json.loads((out / METADATA_FILE).read_text())["counts"]
     assert (counts["examples"], counts["skipped_without_response"], counts["skipped_cut_by_max_length"]) == (1, 2, 1)
-    assert "1 of them lost every response token to max_length=40" in caplog.text
-    assert "use a larger --max-length" in caplog.text
+    assert ("sfr prepare: warning: skipped 2 of 3 examples without a response token; 1 of them lost every response "
+            "token to max_length=40") in printed.err and "use a larger --max-length" in printed.err
     with pytest.raises(ValueError, match="none of its 2 examples .*; 1 of them lost every response token to max_length"):
         prepare([no_answer, long_context], tmp_path / "cut", max_length=40, progress=False)
 

@@ -91,7 +91,7 @@ def test_train_rejects_token_ids_beyond_the_model_vocabulary_before_training(tmp
         assert not (tmp_path / "run").exists()
 
 
-def test_examples_longer_than_the_model_context_are_truncated_to_it(tmp_path, capsys):
+def test_examples_longer_than_the_model_context_are_truncated_to_it(tmp_path):
     from transformers import GPT2Config
 
     from sfr.train import train
@@ -99,11 +99,12 @@ def test_examples_longer_than_the_model_context_are_truncated_to_it(tmp_path, ca
     tokenizer = _tiny_tokenizer()
     # Learned position embeddings: a row longer than n_positions would fail inside the model.
     config = GPT2Config(n_positions=T - 4, n_embd=D, n_layer=1, n_head=2, vocab_size=len(tokenizer))
-    result = train(make_args(tmp_path / "run", max_steps=2, phase_a_steps=0, ramp_steps=0),
-                   model=AutoModelForCausalLM.from_config(config),
-                   data=tiny_dataset(), tokenizer=tokenizer)
+    with pytest.warns(UserWarning, match=f"the model's context \\(max_position_embeddings={T - 4}\\): 8 of 8 "
+                                         f"examples are longer than {T - 4} tokens and are truncated"):
+        result = train(make_args(tmp_path / "run", max_steps=2, phase_a_steps=0, ramp_steps=0),
+                       model=AutoModelForCausalLM.from_config(config),
+                       data=tiny_dataset(), tokenizer=tokenizer)
     assert result.global_step == 2
-    assert f"8 of 8 examples are longer than {T - 4} tokens and are truncated" in capsys.readouterr().err
 
 
 def test_a_failed_run_removes_the_output_dir_it_created_and_left_empty(tmp_path):

@@ -301,7 +301,8 @@ def test_a_run_that_ends_before_lambda_max_warns(tmp_path, steps, phases, messag
     with pytest.warns(UserWarning, match=message) as record:
         trainer.train()
     # attributed to sfr's callback, not to transformers' callback handler that calls it
-    assert [w.filename for w in record if "sfr train:" in str(w.message)] == [sfr.trainer.__file__]
+    assert [w.filename for w in record if "--phase-a-steps" in str(w.message)] == [sfr.trainer.__file__]
+    assert not str(record[0].message).startswith("sfr train:")  # the command line adds its prefix once
 
 
 def test_a_run_that_reaches_lambda_max_or_has_no_head_does_not_warn(tmp_path):
