@@ -30,6 +30,16 @@ def check_output_dir(path, argument: str = "--output-dir") -> Path:
     return out
 
 
+def check_no_earlier_results(path, overwrite: bool, files=("results.json", "report.md"),
+                             argument: str = "--out") -> None:
+    """Refuse an output directory that holds ``files`` of an earlier run (a comparison that took an hour
+    must not be replaced silently) unless ``overwrite``: ``ValueError`` naming what is there."""
+    found = [name for name in files if (Path(path).expanduser() / name).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{argument} {path} holds the results of an earlier run ({', '.join(found)}): pass "
+                         f"--overwrite to replace them, or choose another {argument}")
+
+
 def check_device(device, argument: str = "--device") -> None:
     """Raise ``ValueError`` unless torch can use ``device`` here (``None`` = let the command choose)."""
     if device is None:

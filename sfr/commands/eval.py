@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sfr.checks import check_output_dir
+from sfr.checks import check_no_earlier_results, check_output_dir
+
+OVERWRITE_HELP = ("replace the results of an earlier run in --out (default: an --out that holds results.json "
+                  "or report.md is an error)")
 
 
 def _positive_int(text: str) -> int:
@@ -73,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "(default %(default)s)")
     dialogue.add_argument("--out", default="eval-dialogue", metavar="DIR",
                           help="output directory (default %(default)s)")
+    dialogue.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     code = sub.add_parser(
         "code", help="pass@k on HumanEval / MBPP with generated programs run in a sandbox",
@@ -105,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="sampling backend; auto = vLLM when installed and CUDA is up, else transformers "
                            "(default %(default)s)")
     code.add_argument("--out", default="eval-code", metavar="DIR", help="output directory (default %(default)s)")
+    code.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.set_defaults(eval_parser=parser)
     parser.command_parsers, parser.command_dest = {"dialogue": dialogue, "code": code}, "eval_command"
 
@@ -116,6 +121,7 @@ def main(args) -> int:
         return 2
     try:
         check_output_dir(args.out, "--out")  # before any sampling: a bad --out must not cost the run
+        check_no_earlier_results(args.out, args.overwrite)
         _check_models(args)
         if command == "code":
             return _code(args)
