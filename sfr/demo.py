@@ -251,7 +251,8 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
         training=train_metrics, timings=timings, comparison=compare,
         diagnose=None if diagnose_summary is None else {
             **{k: diagnose_summary[k] for k in ("anchors", "mean_fork_score", "median_fork_score",
-                                                "mean_endpoint_norm", "source_norm", "files")},
+                                                "mean_endpoint_norm", "source_norm", "score_spread", "score_noise",
+                                                "below_noise", "noise_note", "files")},
             "num_draws": diagnose_summary["config"]["num_draws"]})
     table = demo_table(results, compare)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from sfr.diagnostics import DiagnoseConfig, diagnose
 from sfr.flow import ODE_METHODS
@@ -13,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Lock/Fork diagnostics: for every response position of the data, integrate the trained flow head's ODE "
         "dx/ds = v(x, s, h) from S Gaussian source draws to s = 1 and measure how spread out the S endpoints are "
         "(fork score = 1 - mean pairwise cosine; near 0 = the future is locked, larger = it forks). Writes "
-        "fork_scores.html (tokens coloured by fork score), fork_histogram.png and fork_scores.json to --out.")
+        "fork_scores.html (tokens coloured by fork score on a fixed scale: white = 0, locked, to red = 1, as "
+        "spread as random directions), fork_histogram.png and fork_scores.json to --out, and says when the "
+        "scores' spread across positions is below twice their sampling noise (estimated from the draws).")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="a directory written by `sfr train` with --objective sfr or mtp (model + sfr_head/; "
                              "an SFT model has no head)")
@@ -49,5 +52,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"scored {summary['anchors']} positions; mean fork score {summary['mean_fork_score']:.4f} "
           f"(median {summary['median_fork_score']:.4f}); mean endpoint norm {summary['mean_endpoint_norm']:.3g} "
           f"(source draws: {summary['source_norm']:.3g}; unit-norm targets: 1)")
+    if summary["noise_note"]:
+        warnings.warn(summary["noise_note"], UserWarning, stacklevel=1)
     print(f"wrote {config.out}/fork_scores.html, fork_histogram.png, fork_scores.json")
     return 0

@@ -309,8 +309,11 @@ def render_demo_report(results: dict, table: str, samples: dict) -> str:
                f"{format_value(d['source_norm'], 3)} for the Gaussian source draws and 1 for the (normalised) target "
                "embeddings: the closer to 1, the more the head has learned to carry the noise to real futures; "
                "far from it, the fork scores mostly reflect the source noise. "
-               "Tokens coloured by fork score: [diagnose/fork_scores.html](diagnose/fork_scores.html); histogram: "
+               "Tokens coloured by fork score (fixed scale, white = 0 to red = 1): "
+               "[diagnose/fork_scores.html](diagnose/fork_scores.html); histogram: "
                "[diagnose/fork_histogram.png](diagnose/fork_histogram.png).", ""]
+        if d.get("noise_note"):
+            md += [f"**Note:** {d['noise_note']}.", ""]
     md += ["## Sample replies (first 3 samples of the first 3 prompts)", ""]
     for i in range(min(3, settings["num_prompts"])):
         first = samples[models[0]][i]

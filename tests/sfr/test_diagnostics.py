@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from sfr import FlowHead, sfr_loss
-from sfr.diagnostics import fork_scores, pairwise_cosine_dispersion, render_html
+from sfr.diagnostics import (
+    dispersion_standard_error,
+    fork_scores,
+    fork_statistics,
+    noise_verdict,
+    pairwise_cosine_dispersion,
+    render_html,
+)
 
 
 def test_dispersion_matches_brute_force():
@@ -40,13 +47,52 @@ def test_fork_scores_separate_locked_from_forked_futures():
     assert scores[1] > scores[0] + 0.2, scores
 
 
-def test_html_marks_response_tokens():
-    page = render_html([{"index": 0, "tokens": ["<a>", "b", "c"], "positions": [0, 1], "fork_scores": [0.1, 0.4]}])
-    assert "&lt;a&gt;" in page and 'title="fork 0.400"' in page and 'title="fork 0.100"' in page
-    # token t is coloured by the score of position t - 1; the page's lowest score is white, the highest red
-    assert '<span title="fork 0.100" style="background: rgba(220,40,40,0.00)">b</span>' in page
-    assert '<span title="fork 0.400" style="background: rgba(220,40,40,1.00)">c</span>' in page
-    assert '<span style="color:#888">&lt;a&gt;</span>' in page  # context: no score
+def test_the_standard_error_is_the_spread_of_the_score_over_fresh_draws():
+    """Against Monte Carlo: the score's standard deviation over 4000 independent sets of S draws, for
+    isotropic draws (an untrained head) and for draws from two modes (a fork)."""
+    gen = torch.Generator().manual_seed(0)
+    for s, e in ((16, 32), (16, 384), (8, 16)):
+        isotropic = torch.randn(4000, s, e, generator=gen)
+        modes = torch.randn(2, e, generator=gen)
+        pick = (torch.rand(4000, s, generator=gen) < 0.3).long()
+        forked = modes[pick] + 0.5 * torch.randn(4000, s, e, generator=gen)
+        for draws in (isotropic, forked):
+            observed = float(pairwise_cosine_dispersion(draws).double().std())
+            estimated = float(dispersion_standard_error(draws).double().pow(2).mean().sqrt())
+            assert estimated == pytest.approx(observed, rel=0.08), (s, e, observed, estimated)
+    assert dispersion_standard_error(torch.randn(5, 3, 8)).isnan().all()  # < 4 draws: unknown
+    same = torch.randn(1, 1, 8).expand(2, 6, 8)
+    assert dispersion_standard_error(same).abs().max() < 1e-6  # one direction: no noise
+
+
+def test_noise_verdict_tells_noise_from_structure():
+    torch.manual_seed(0)
+    D, E = 16, 8
+    untrained = FlowHead(D, E, width=64)
+    h = torch.randn(64, D)
+    stats = fork_statistics(untrained, h, num_draws=16, steps=8)
+    verdict = noise_verdict(stats["fork_score"], stats["standard_error"])
+    assert verdict["below_noise"] is True and verdict["spread"] < 2 * verdict["noise"]
+    # half the positions locked (identical scores 0 +- 0), half at 1: far above the noise
+    scores = torch.cat([torch.zeros(32), stats["fork_score"][:32]])
+    errors = torch.cat([torch.zeros(32), stats["standard_error"][:32]])
+    assert noise_verdict(scores, errors)["below_noise"] is False
+    assert noise_verdict(scores, torch.full((64,), float("nan")))["below_noise"] is None  # S < 4: unknown
+
+
+def test_html_colours_on_a_fixed_scale_and_shows_the_note():
+    page = render_html([{"index": 0, "tokens": ["<a>", "b", "c", "d"], "positions": [0, 1, 2],
+                         "fork_scores": [0.1, 0.4, 1.3], "standard_errors": [0.01, None, 0.02]}])
+    assert "&lt;a&gt;" in page and '<span style="color:#888">&lt;a&gt;</span>' in page  # context: no score
+    # token t is coloured by the score of position t - 1, on the fixed 0..1 scale (not the page's min..max)
+    assert '<span title="fork 0.100 ± 0.010" style="background: rgba(220,40,40,0.10)">b</span>' in page
+    assert '<span title="fork 0.400" style="background: rgba(220,40,40,0.40)">c</span>' in page
+    assert '<span title="fork 1.300 ± 0.020" style="background: rgba(220,40,40,1.00)">d</span>' in page
+    # the issue's page: scores 0.990 .. 1.011 are all (nearly) full red, not white-to-red
+    narrow = render_html([{"index": 0, "tokens": ["a", "b", "c"], "positions": [0, 1], "fork_scores": [0.99, 1.011]}],
+                         note="the differences are mostly noise")
+    assert "rgba(220,40,40,0.99)" in narrow and "rgba(220,40,40,1.00)" in narrow and "rgba(220,40,40,0.00)\">b" not in narrow
+    assert "<b>Note:</b> the differences are mostly noise." in narrow and "Note:" not in page
 
 
 # ---- on a real `sfr train` output directory ------------------------------------------------------------
@@ -84,8 +130,16 @@ def test_diagnose_cli_on_a_trained_model(trained, eval_data, tmp_path, capsys):
     out = tmp_path / "diag"
     assert main(["diagnose", "--model", str(trained), "--data", str(eval_data), "--out", str(out), "--limit", "2",
                  "--num-draws", "4", "--steps", "4", "--solver", "euler", "--seed", "5"]) == 0
-    assert "mean fork score" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "mean fork score" in printed.out
     report = json.loads((out / "fork_scores.json").read_text())
+    # the spread against the noise, recomputed from the saved scores and standard errors
+    verdict = noise_verdict([v for e in report["examples"] for v in e["fork_scores"]],
+                            [v for e in report["examples"] for v in e["standard_errors"]])
+    assert report["score_noise"] == pytest.approx(verdict["noise"], rel=1e-4) and report["score_noise"] > 0
+    assert report["below_noise"] == verdict["below_noise"] and report["colour_scale"] == [0.0, 1.0]
+    said = "sfr diagnose: warning: the fork scores vary across positions by std" in printed.err
+    assert said == ("<b>Note:</b>" in (out / "fork_scores.html").read_text()) == report["below_noise"]
     assert (out / "fork_histogram.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "fork_scores.html").read_text()
     tokenizer = AutoTokenizer.from_pretrained(trained)
