@@ -213,7 +213,7 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
         _say(f"training {name} ({settings.max_steps} steps, seed {settings.seed}, {device}) -> {run_dir}", quiet)
         t0 = time.perf_counter()
         args = training_arguments(OBJECTIVE_OF[name], run_dir, settings, device, progress)
-        result = train(args)
+        result = train(args, quiet=quiet)
         timings[f"train_{name.lower()}_s"] = round(time.perf_counter() - t0, 2)
         runs[name] = Path(result.output_dir)
         train_metrics[name] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}

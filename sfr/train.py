@@ -7,6 +7,7 @@ raw data is prepared with :func:`sfr.targets.prepare`.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
@@ -36,13 +37,20 @@ class TrainResult:
 
     ``metrics`` holds the Trainer's ``train_*`` metrics, ``train_wall_s`` and the last logged
     ``final_loss`` / ``final_ce_loss`` / ``final_sfr_loss`` / ``final_sfr_lambda``; ``global_step`` is
-    the number of optimizer steps the model has had (those of a resumed run included).
+    the number of optimizer steps the model has had (those of a resumed run included), ``start_step``
+    the step a resumed run started from.
     """
 
     output_dir: str
     log_history: list[dict]
     metrics: dict
     global_step: int = 0
+    start_step: int = 0  # the checkpoint's step when the run resumed (0 for a new run)
+
+    @property
+    def steps_trained(self) -> int:
+        """The optimizer steps this run took: ``global_step - start_step``."""
+        return self.global_step - self.start_step
 
 
 def resolve_checkpoint(value: str | None, output_dir: str | None) -> str | None:
@@ -63,11 +71,16 @@ def resolve_checkpoint(value: str | None, output_dir: str | None) -> str | None:
     return str(value)
 
 
+_QUIET = contextvars.ContextVar("sfr_train_quiet", default=False)  # train(quiet=True) while it runs
+
+
 def _say(message: str) -> None:
-    print(f"[sfr train] {message}", file=sys.stderr, flush=True)
+    if not _QUIET.get():
+        print(f"[sfr train] {message}", file=sys.stderr, flush=True)
 
 
-def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, callbacks=None) -> TrainResult:
+def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, callbacks=None, *,
+          quiet: bool = False) -> TrainResult:
     """Fine-tune with CE + SFR (or SFT / MTP) and save a plain transformers model plus ``sfr_head/``.
 
     Args:
@@ -81,6 +94,8 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
         tokenizer: the tokenizer (default: loaded with the model, or from ``args.model`` / the model's
             ``name_or_path`` for a model object).
         callbacks: extra ``TrainerCallback`` objects.
+        quiet: print no stage messages and no per-step log lines (the Trainer prints its logs when its
+            progress bar is off; warnings still show).
 
     Returns:
         :class:`TrainResult` with ``output_dir``, the Trainer's ``log_history`` and the final metrics.
@@ -91,6 +106,16 @@ def train(args: SFRTrainingArguments, model=None, data=None, tokenizer=None, cal
     resumes (``resume_from_checkpoint``) or replaces it (``overwrite_output_dir``). A run that fails
     removes the output directory again when it created it and wrote nothing there.
     """
+    quiet_token = _QUIET.set(quiet)
+    try:
+        return _checked_train(args, model, data, tokenizer, callbacks)
+    finally:
+        _QUIET.reset(quiet_token)
+
+
+def _checked_train(args: SFRTrainingArguments, model, data, tokenizer, callbacks) -> TrainResult:
+    """:func:`train` within its ``quiet`` setting: the cheap checks, then the run (:func:`_train`); a
+    failed run removes the output directory it created when it wrote nothing there."""
     if not isinstance(args, SFRTrainingArguments):
         raise TypeError(f"args must be SFRTrainingArguments, got {type(args).__name__}")
     output_dir = check_output_dir(args.output_dir)
@@ -181,6 +206,10 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
         extra.append(EMAUpdateCallback())
     trainer = SFRTrainer(model=sfr_model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=tokenizer, callbacks=extra)
+    if _QUIET.get():  # with its progress bar off, the Trainer prints every log as a dict
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     attn = getattr(backbone.config, "_attn_implementation", None) or "default"
     ce_path = {"liger": "liger fused linear CE", "torch": "lm_head + CE"}[sfr_model.ce_implementation(args.device)]
     head = sfr_model.head
@@ -214,7 +243,8 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     return TrainResult(output_dir=str(args.output_dir), log_history=list(trainer.state.log_history), metrics=metrics,
-                       global_step=int(trainer.state.global_step))
+                       global_step=int(trainer.state.global_step),
+                       start_step=_checkpoint_step(checkpoint) if checkpoint else 0)
 
 
 # Files that a run (or a trainer.save_model) leaves in its output directory.
@@ -246,16 +276,21 @@ def _check_previous_run(output_dir: Path, overwrite: bool) -> None:
 def _check_steps_left(checkpoint: str, max_steps: int) -> None:
     """Refuse to resume a checkpoint that already reached ``max_steps`` (the Trainer would run a step
     past it at learning rate 0 and save it as a new checkpoint)."""
-    state = Path(checkpoint) / "trainer_state.json"
-    if max_steps <= 0 or not state.is_file():
+    step = _checkpoint_step(checkpoint)
+    if max_steps <= 0 or step is None:
         return
-    try:
-        step = int(json.loads(state.read_text()).get("global_step", 0))
-    except (ValueError, TypeError):
-        return  # an unreadable state is the Trainer's to report
     if step >= max_steps:
         raise ValueError(f"resume_from_checkpoint: {checkpoint} is at step {step} >= --max-steps {max_steps}: "
                          f"nothing left to train (raise --max-steps to continue the run)")
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
+    """The ``global_step`` of a checkpoint's ``trainer_state.json``; None when it does not read (the
+    Trainer reports that)."""
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _check_loss_backend(args: SFRTrainingArguments, model) -> None:
@@ -380,6 +415,8 @@ def load_training_data(args: SFRTrainingArguments, tokenizer_source: str | None,
                                segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
                                min_segment_tokens=args.min_segment_tokens, segment_mode=args.segment_mode,
                                max_length=args.max_length, progress=not args.disable_tqdm)
+    _say(f"prepared targets {'from the cache' if prepared.cache_hit else 'cached'} at {prepared.path} "
+         f"({'embedded corpus' if data is None else data}; --data {prepared.path} uses them directly)")
     return prepared.dataset, int(prepared.metadata["embed_dim"])
 
 

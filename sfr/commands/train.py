@@ -147,13 +147,16 @@ def build_arguments(values: dict):
 def _summary(result, wall_s: float) -> str:
     """A few lines for the end of a run: steps and time, the logged losses, where things went.
 
-    The steps are the trainer's ``global_step``; the losses read "first -> last" when at least two
+    The steps are those this run took (``global_step`` less the step it resumed from); the losses read "first -> last" when at least two
     steps were logged, else the one logged value (or the run's mean loss when nothing was logged).
     """
     metrics = result.metrics
     logged = [h for h in result.log_history if "loss" in h]
     training = f", training {metrics['train_wall_s']:.1f} s" if "train_wall_s" in metrics else ""
-    lines = [f"sfr train: {result.global_step} steps in {wall_s:.1f} s (loading and preparing data included{training})"]
+    steps = f"{result.steps_trained} step{'' if result.steps_trained == 1 else 's'}"
+    if result.start_step:  # a resumed run: the steps it took, and where the model is now
+        steps += f" (resumed at step {result.start_step}, now at {result.global_step})"
+    lines = [f"sfr train: {steps} in {wall_s:.1f} s (loading and preparing data included{training})"]
     if logged:
         first, last = logged[0], logged[-1]
         names = [name for name in ("loss", "ce_loss", "sfr_loss") if name in first and name in last]

@@ -106,6 +106,8 @@ def test_summary_reports_the_step_count_and_a_trend_only_between_two_logged_step
     assert "15 steps" in two and "loss 8 -> 7.5" in two
     none = summary([{"train_loss": 7.9, "step": 15}], train_loss=7.9)
     assert "15 steps" in none and "mean loss over the run: 7.9" in none
+    resumed = _summary(TrainResult("out", [{"step": 40, "loss": 7.5}], {}, global_step=40, start_step=30), 1.0)
+    assert resumed.startswith("sfr train: 10 steps (resumed at step 30, now at 40) in 1.0 s")  # not "40 steps"
 
 
 def test_help_shows_the_defaults_of_the_embedded_run_and_one_duration():
@@ -153,7 +155,9 @@ def test_sfr_train_end_to_end_on_the_embedded_default_and_resume_latest(tmp_path
     # --resume-from-checkpoint latest continues from checkpoint-3 to step 4
     assert main(["train", "--output-dir", str(out), "--max-steps", "4", "--logging-steps", "1",
                  "--disable-tqdm", "true", "--resume-from-checkpoint", "latest"]) == 0
-    assert "resuming from" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "resuming from" in captured.err
+    assert "sfr train: 1 step (resumed at step 3, now at 4) in " in captured.out
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert torch.isfinite(torch.tensor([h["loss"] for h in state["log_history"] if "loss" in h])).all()
@@ -182,6 +186,8 @@ def test_sfr_train_with_a_model_path_and_raw_data_prepares_and_caches_it(tmp_pat
     assert "examples=6" in err and "E=384" in err
     prepared = list((tmp_path / "cache" / "targets").glob("*/sfr_targets.json"))
     assert len(prepared) == 1  # prepared once and cached
+    assert f"[sfr train] prepared targets cached at {prepared[0].parent} ({data}; --data {prepared[0].parent} " \
+           "uses them directly)" in err  # says where
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(logs) == 2 and all(h["sfr_loss"] > 0 for h in logs)
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == \
