@@ -119,16 +119,16 @@ def _checked_train(args: SFRTrainingArguments, model, data, tokenizer, callbacks
     if not isinstance(args, SFRTrainingArguments):
         raise TypeError(f"args must be SFRTrainingArguments, got {type(args).__name__}")
     output_dir = check_output_dir(args.output_dir)
-    # A model or encoder that cannot load: one line in seconds, not after the hub's retries or the data.
-    check_model(args.model if model is None else model, "--model")
-    if args.encoder is not None:
-        check_encoder(args.encoder, "--encoder")
     _check_loss_backend(args, model)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:
         _check_previous_run(output_dir, args.overwrite_output_dir)
     else:
         _check_steps_left(checkpoint, args.max_steps)
+    # A model or encoder that cannot load: one line in seconds, not after the hub's retries or the data.
+    check_model(args.model if model is None else model, "--model")
+    if args.encoder is not None:
+        check_encoder(args.encoder, "--encoder")
     created = _outermost_missing(output_dir)
     try:
         return _train(args, checkpoint, model, data, tokenizer, callbacks)

@@ -417,7 +417,8 @@ def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path, encoder):
         prepare(None, out, split="test")
     with pytest.raises(ValueError, match="could not load the tokenizer of model"):
         prepare([MULTI_TURN], out, model=tmp_path / "occupied", progress=False)
-    with pytest.raises(ValueError, match="could not load sentence encoder 'no-such/encoder'"):
+    with pytest.raises(ValueError, match="^--encoder no-such/encoder: directory .* does not exist, and no hub "
+                                         "sentence encoder no-such/encoder is in the Hugging Face cache"):
         prepare([MULTI_TURN], out, encoder="no-such/encoder", progress=False)
     assert not out.exists()
 
