@@ -21,8 +21,11 @@ all layers' hidden states. CE goes through Liger's fused linear cross-entropy on
 ``liger-kernel`` is installed (the ``[B*T, V]`` logits are never materialised), otherwise
 ``lm_head`` + ``F.cross_entropy`` on float32 logits, as transformers does. SFR goes through
 :func:`sfr_kernels.sfr_loss` (the fused Triton kernels on CUDA, the PyTorch reference elsewhere).
-Under DeepSpeed ZeRO-3, which gathers weights only for modules that are called, both take the paths
-that call ``lm_head`` / the head (:func:`zero3_partitioned`).
+Under DeepSpeed ZeRO-3, which gathers weights only for modules that are called, CE takes the path
+that calls ``lm_head`` (Liger's kernel reads its weight directly); the fused SFR loss runs inside the head's call,
+as under FSDP (:mod:`sfr_kernels.sharding`). ``SFRModel.loss_path`` records the
+:class:`sfr_kernels.LossPath` of the last SFR call (which implementation ran, and why the fused one
+did not); a fallback is announced once.
 
 Saving: :meth:`SFRModel.split_state_dict` separates backbone, head and teacher keys; the trainer
 writes the backbone with ``save_pretrained`` (a plain transformers model) and the head with
@@ -44,7 +47,8 @@ from sfr.checks import check_int
 from sfr.config import SFRConfig
 from sfr.data import IGNORE_INDEX
 from sfr.head import HEAD_DIR, FlowHead, save_flow_head
-from sfr_kernels import sfr_loss
+from sfr_kernels import LossPath, loss_path, sfr_loss
+from sfr_kernels.sharding import zero3_managed
 
 OBJECTIVES = ("sft", "sfr", "mtp")
 TARGET_SOURCES = ("precomputed", "ema")
@@ -132,16 +136,6 @@ def _liger_runs_on(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def zero3_partitioned(module: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``module``'s parameters.
-
-    ZeRO-3 gathers a module's parameters only while that module is *called*; kernels that read the
-    weights directly (Liger's fused linear CE reads ``lm_head.weight``, the fused SFR kernels read the
-    head's weights) would see empty shards. Such modules take the paths that call them instead.
-    """
-    return any(hasattr(param, "ds_id") for param in module.parameters())
-
-
 @dataclass
 class SFRModelOutput(ModelOutput):
     """``loss = ce_loss + sfr_loss`` (``sfr_loss`` is None for sft) and this micro-batch's counts.
@@ -203,9 +197,14 @@ class SFRModel(nn.Module):
         self.sfr_config = objective_config(objective, sfr_config)
         self.ce_backend = ce_backend
         self.loss_backend = loss_backend
-        # FSDP auto-wrapping (accelerate) reads the layer classes to wrap from the root module.
+        # FSDP auto-wrapping (accelerate) reads the classes to wrap, each as a unit of its own, from the
+        # root module: the backbone's layers and the head (whose call then gathers its weights; the fused
+        # loss runs inside it, sfr_kernels.sharding).
         self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
+        if head is not None:
+            self._no_split_modules.append(type(head).__name__)
         self._warned: set[str] = set()
+        self.loss_path: LossPath | None = None  # of the last SFR loss computed (None before the first)
 
     # ---- construction -------------------------------------------------------------------
     @staticmethod
@@ -308,20 +307,19 @@ class SFRModel(nn.Module):
         reason = None
         if getattr(self.config, "logit_scale", None) not in (None, 1, 1.0):
             reason = "the model config has a logit_scale, which Liger's kernel does not apply"
-        elif zero3_partitioned(find_lm_head(self.backbone)):
+        elif zero3_managed(find_lm_head(self.backbone)):
             reason = "DeepSpeed ZeRO-3 partitions lm_head, whose weight Liger reads directly"
         if reason is None:
             return "liger"
         self._warn_once(f"CE: using lm_head + CE instead of Liger's fused linear CE: {reason}")
         return "torch"
 
-    def sfr_backend(self) -> str:
-        """The ``backend`` :func:`sfr_kernels.sfr_loss` gets: ``loss_backend``, or ``"torch"`` under ZeRO-3."""
-        if self.loss_backend != "torch" and zero3_partitioned(self.head):
-            self._warn_once("SFR: using the PyTorch reference instead of the fused kernels: DeepSpeed ZeRO-3 "
-                            "partitions the head, whose weights the kernels read directly")
-            return "torch"
-        return self.loss_backend
+    def sfr_loss_path(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> LossPath:
+        """The :class:`~sfr_kernels.LossPath` of the SFR loss for states like ``hidden`` (default targets:
+        float32 ``[0, E]``, as the trainer's are)."""
+        if targets is None:
+            targets = hidden.new_empty((0, self.head.embed_dim), dtype=torch.float32)
+        return loss_path(hidden, targets, self.head, backend=self.loss_backend)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -397,9 +395,13 @@ class SFRModel(nn.Module):
             targets = anchor_targets.to(hidden.device)  # float32: sfr_loss accumulates in float32 anyway
         weight = None if anchor_weight is None else anchor_weight.to(device=hidden.device, dtype=torch.float32)
         loss_kwargs = {**self.sfr_config.loss_kwargs(), "reduction": "sum"}  # normalised below, GA-exact
+        self.loss_path = path = self.sfr_loss_path(hidden, targets)
+        if path.fallback_reason is not None:
+            self._warn_once(f"SFR: the PyTorch reference computes the loss instead of the fused kernels: "
+                            f"{path.fallback_reason}")
         sfr_total = sfr_loss(hidden, targets, self.head, anchor_index=anchor_index, seed=sfr_seed,
                              noise=sfr_noise, time=sfr_time, weight=weight, grad_scale=float(sfr_lambda),
-                             backend=self.sfr_backend(), **loss_kwargs)
+                             backend=path.backend, **loss_kwargs)
         num_anchors = anchor_index.shape[0]
         if num_anchors_in_batch is None:
             num_anchors_in_batch = weight.sum() if weight is not None else num_anchors

@@ -3,7 +3,7 @@
 Depends only on torch (and triton for the fused path); the user-facing library is ``sfr``.
 """
 from sfr_kernels import philox
-from sfr_kernels.loss import sfr_loss, triton_runs_on
+from sfr_kernels.loss import LossPath, loss_path, sfr_loss, triton_runs_on
 from sfr_kernels.reference import (
     draw_source,
     draw_time,
@@ -15,6 +15,8 @@ from sfr_kernels.reference import (
 
 __all__ = [
     "sfr_loss",
+    "loss_path",
+    "LossPath",
     "sfr_loss_reference",
     "triton_runs_on",
     "philox",

@@ -49,14 +49,16 @@ from sfr_kernels.flow_draws import draw_flow_inputs
 from sfr_kernels.flow_layers import linear_silu, linear_silu_backward
 from sfr_kernels.flow_output import output_loss
 from sfr_kernels.head_support import (
+    fused_path_reason,
+    head_weights,
     no_autocast,
-    unsupported_head_reason,
     warn_fallback_once,
     weights_for_autocast,
 )
 from sfr_kernels.launch import device_guard, dot_precision, launch_configs, new_buffer
 from sfr_kernels.reference import TIME_MODES, reduce_anchor_losses, sfr_loss_reference
 from sfr_kernels.scatter_rows import scatter_anchor_rows
+from sfr_kernels.sharding import call_inside, inner_head, runs_in_call
 from sfr_kernels.weight_grad import weight_grad
 
 # Outputs of the forward op after the loss (all saved for backward), in this order:
@@ -315,30 +317,46 @@ def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, s
     Falls back to the reference, with a one-time warning, for heads the kernels do not implement
     (:func:`sfr_kernels.head_support.unsupported_head_reason`) and when ``target``/``noise``/``time``/
     ``weight`` require gradients (the fused op differentiates only with respect to ``hidden`` and the head).
+    A head sharded by FSDP1/FSDP2/ZeRO-3, or with hooks of its own, gets the loss computed inside its
+    call, so the engine gathers its weights and reduce-scatters their gradients
+    (:mod:`sfr_kernels.sharding`).
     """
     kwargs = dict(anchor_index=anchor_index, num_samples=num_samples, source_std=source_std,
                   time_sampling=time_sampling, seed=seed, noise=noise, time=time, weight=weight,
                   grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std)
-    reason = unsupported_head_reason(head)
-    if reason is None and any(t is not None and t.requires_grad for t in (target, noise, time, weight)):
-        reason = "gradients with respect to target/noise/time/weight are not implemented by the kernels"
+    reason = fused_path_reason(target, head, noise=noise, time=time, weight=weight)
     if reason is not None:
         warn_fallback_once(reason)
         return sfr_loss_reference(hidden, target, head, **kwargs)
 
+    inner = inner_head(head)
+    options = (int(num_samples), float(source_std), str(time_sampling), float(time_mean), float(time_std),
+               str(reduction), float(grad_scale))
+
+    def loss(hidden, target, anchor_index, seed, noise, time, weight):
+        return _fused_call(inner, hidden, target, anchor_index, seed, noise, time, weight, *options)
+
+    inputs = (hidden, target, anchor_index, _seed_tensor(seed, hidden.device), noise, time, weight)
+    if runs_in_call(head):
+        return call_inside(head, loss, *inputs)
+    return loss(*inputs)
+
+
+def _fused_call(head, hidden, target, anchor_index, seed, noise, time, weight, num_samples, source_std,
+                time_sampling, time_mean, time_std, reduction, grad_scale):
+    """The fused op on ``head``'s weights as they are now (whole: inside the head's call when sharded)."""
     grad_enabled = torch.is_grad_enabled()
     need_hidden_grad = grad_scale > 0 and hidden.requires_grad and grad_enabled
     if not need_hidden_grad:
         hidden = hidden.detach()
-    need_weight_grads = grad_enabled and any(p.requires_grad for p in head.parameters())
-    layers = list(head.hidden_layers)
-    cond_w, cond_b, in_x_w, in_t_w, out_w, out_b, *hidden_params = weights_for_autocast(
-        [head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.out.weight, head.out.bias,
-         *[layer.weight for layer in layers], *[layer.bias for layer in layers]], hidden.device)
+    weights = head_weights(head)
+    need_weight_grads = grad_enabled and any(w.requires_grad for w in weights)
+    depth_1 = len(head.hidden_layers)
+    cond_w, cond_b, in_x_w, in_t_w, out_w, out_b, *hidden_params = weights_for_autocast(weights, hidden.device)
     loss, *_ = fused_sfr_loss_op(
-        hidden, target, anchor_index, _seed_tensor(seed, hidden.device), noise, time, weight,
+        hidden, target, anchor_index, seed, noise, time, weight,
         cond_w, cond_b, in_x_w, in_t_w, head.time_frequencies,
-        hidden_params[:len(layers)], hidden_params[len(layers):], out_w, out_b,
-        int(num_samples), float(source_std), str(time_sampling), float(time_mean), float(time_std),
-        str(reduction), float(grad_scale), bool(need_hidden_grad), bool(need_weight_grads))
+        hidden_params[:depth_1], hidden_params[depth_1:], out_w, out_b,
+        num_samples, source_std, time_sampling, time_mean, time_std, reduction, grad_scale,
+        bool(need_hidden_grad), bool(need_weight_grads))
     return loss

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,36 @@ def triton_runs_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class LossPath:
+    """Which implementation computes an :func:`sfr_loss` call, and why the fused one does not.
+
+    ``backend``: ``"triton"`` (the fused kernels) or ``"torch"`` (the PyTorch reference).
+    ``fallback_reason``: None, or why the reference runs where the kernels were asked for (``backend=
+    "triton"``, or ``"auto"`` with CUDA tensors): an unsupported head, hooks on its layers, gradients
+    with respect to the targets, ... ``backend="torch"`` and ``"auto"`` on the CPU are choices, not fallbacks.
+    """
+
+    backend: str
+    fallback_reason: str | None = None
+
+
+def loss_path(hidden, target, head, *, backend="auto", noise=None, time=None, weight=None) -> LossPath:
+    """The :class:`LossPath` that :func:`sfr_loss` takes for these arguments (tensor metadata only).
+
+    ``backend="triton"`` on the CPU without ``TRITON_INTERPRET=1`` is an error of :func:`sfr_loss`, not
+    a path: it is reported as ``"triton"`` here.
+    """
+    if backend == "auto":
+        backend = "triton" if hidden.device.type == "cuda" else "torch"
+    if backend == "torch":
+        return LossPath("torch")
+    from sfr_kernels.head_support import fused_path_reason  # no triton needed to decide
+
+    reason = fused_path_reason(target, head, noise=noise, time=time, weight=weight)
+    return LossPath("torch", reason) if reason is not None else LossPath("triton")
 
 
 def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,
@@ -40,7 +71,8 @@ def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_s
         noise, time: explicit ``x0 [N, M, E]`` (used as is) and ``s [N, M]``, overriding the draws.
         weight: non-negative per-anchor weights ``[N]``.
         grad_scale: ``lambda``: the gradient into ``hidden`` is multiplied by it; 0 = none at all.
-        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"torch"``. Which one
+            ran, and why the kernels did not: :func:`loss_path` with the same arguments.
 
     Returns:
         0-dim float32 loss (float64 for a float64 head).
