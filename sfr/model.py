@@ -185,7 +185,8 @@ class SFRModel(nn.Module):
             raise ValueError("teacher: an EMA teacher needs a head (objective 'sfr' or 'mtp')")
         self.backbone = backbone
         self.decoder_path = self._decoder_path(backbone)  # raises for a model without a reachable base model
-        hidden_size = self.hidden_size  # raises for a model without an LM head
+        # D, read once: an engine may hold lm_head's weight flattened and sharded later (FSDP1).
+        hidden_size = self._hidden_size = int(find_lm_head(backbone).weight.shape[1])  # raises without an LM head
         if head is not None and head.hidden_size != hidden_size:
             raise ValueError(f"head.hidden_size must equal the model's hidden size {hidden_size}, got {head.hidden_size}")
         if teacher is not None and teacher.projection.shape != (hidden_size, head.embed_dim):
@@ -256,7 +257,7 @@ class SFRModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         """``D``, the input size of the LM head."""
-        return int(find_lm_head(self.backbone).weight.shape[1])
+        return self._hidden_size
 
     @property
     def target_source(self) -> str:

@@ -10,6 +10,7 @@
 * gradient clipping of the backbone and the head separately, so that in phase A the backbone's
   update is exactly SFT's;
 * ``ce_loss``, ``sfr_loss`` and ``sfr_lambda`` in the logs (averaged over ranks and logging steps);
+* ``OUTPUT_DIR/sfr_run.json``: which SFR loss path ran, on which distributed set-up (:mod:`sfr.run_record`);
 * saving: a checkpoint or the final output holds the backbone as a plain transformers model
   (``save_pretrained``) and the head in ``sfr_head/``; checkpoints also hold the EMA teacher in
   ``sfr_teacher/`` next to the optimizer, scheduler and RNG state, and resuming restores all of them.
@@ -28,8 +29,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from sfr.data import IGNORE_INDEX
+from sfr.distributed import clip_grad_norm, enable_fsdp_on_cpu, fsdp1_cpu_state_dict
 from sfr.head import HEAD_DIR, HEAD_WEIGHTS
 from sfr.model import SFRModel
+from sfr.run_record import RunRecordCallback, unwrap_model
 from sfr.schedule import device_seed
 from sfr.training_args import SFRTrainingArguments
 
@@ -66,15 +69,9 @@ class EMAUpdateCallback(TrainerCallback):
     """After every optimizer step: ``teacher <- decay teacher + (1 - decay) student``."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if isinstance(model, SFRModel) and model.teacher is not None:
             model.teacher.update(model.decoder)
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 class SFRTrainer(Trainer):
@@ -84,7 +81,7 @@ class SFRTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(_unwrap(self.model), SFRModel):
+        if not isinstance(unwrap_model(self.model), SFRModel):
             raise TypeError(f"model must be an sfr.model.SFRModel, got {type(self.model).__name__}")
         if not isinstance(self.args, SFRTrainingArguments):
             raise TypeError(f"args must be SFRTrainingArguments, got {type(self.args).__name__}")
@@ -97,12 +94,19 @@ class SFRTrainer(Trainer):
             raise ValueError("SFRTrainer computes CE + SFR inside SFRModel.forward: label_smoothing_factor and "
                              "compute_loss_func are not supported")
         self.add_callback(PhaseCheckCallback)
+        schedule = {name: getattr(self.args, name) for name in ("phase_a_steps", "ramp_steps", "lambda_max")}
+        self.add_callback(RunRecordCallback(self, schedule))  # OUTPUT_DIR/sfr_run.json and the first log lines
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
         self._micro_step = 0
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
         self._last_lambda = 0.0
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, with FSDP also on a multi-process CPU run (:mod:`sfr.distributed`)."""
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
 
     # ---- counts of the accumulated batch -------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
@@ -139,19 +143,23 @@ class SFRTrainer(Trainer):
         """Clip the backbone's and the head's gradients separately; return the backbone's pre-clip norm.
 
         A global norm would let the head's gradient change the backbone's clipping factor, so even at
-        lambda = 0 the backbone's update would differ from SFT's. FSDP and DeepSpeed clip inside their
-        engines: there the Trainer's global clipping is kept.
+        lambda = 0 the backbone's update would differ from SFT's. Under FSDP the groups' norms are
+        reduced over the ranks (:func:`sfr.distributed.clip_grad_norm`). Where the groups cannot be
+        told apart the global clipping is kept: DeepSpeed clips inside its engine (``gradient_clipping``),
+        and FSDP1 without ``use_orig_params`` keeps the root's weights in a flat parameter of its own.
         """
         from accelerate.utils import DistributedType
 
-        wrapper = _unwrap(self.accelerator.unwrap_model(model))
-        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        if sharded or wrapper.head is None or not hasattr(self.accelerator, "unscale_gradients"):
+        wrapper = unwrap_model(self.accelerator.unwrap_model(model))
+        kind = self.accelerator.distributed_type
+        fsdp1 = kind == DistributedType.FSDP and not self.accelerator.is_fsdp2
+        if (kind == DistributedType.DEEPSPEED or (fsdp1 and not self.accelerator.state.fsdp_plugin.use_orig_params)
+                or wrapper.head is None or not hasattr(self.accelerator, "unscale_gradients")):
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # once: fp16 loss scaling must be undone before clipping
         max_norm = self.args.max_grad_norm
-        backbone_norm = torch.nn.utils.clip_grad_norm_(list(wrapper.backbone.parameters()), max_norm)
-        torch.nn.utils.clip_grad_norm_(list(wrapper.head.parameters()), max_norm)
+        backbone_norm = clip_grad_norm(list(wrapper.backbone.parameters()), max_norm, sharded=fsdp1)
+        clip_grad_norm(list(wrapper.head.parameters()), max_norm, sharded=fsdp1)
         return backbone_norm
 
     # ---- loss ------------------------------------------------------------------------------------
@@ -187,20 +195,27 @@ class SFRTrainer(Trainer):
             for name, total in self._metric_sums.items():
                 value = self.accelerator.reduce(total.detach().clone(), reduction="mean")
                 logs[name] = round(float(value) / self._metric_steps, 6)
-            if isinstance(_unwrap(self.model), SFRModel) and _unwrap(self.model).head is not None:
+            if isinstance(unwrap_model(self.model), SFRModel) and unwrap_model(self.model).head is not None:
                 logs["sfr_lambda"] = round(self._last_lambda, 6)
             self._metric_sums = {}
             self._metric_steps = 0
         super().log(logs, *args, **kwargs)
 
     # ---- saving and loading -----------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's ``save_model``; FSDP1 on the CPU gathers the weights itself (:mod:`sfr.distributed`)."""
+        state_dict = fsdp1_cpu_state_dict(self)
+        if state_dict is None:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The backbone via ``save_pretrained`` (a plain transformers model, no head keys), the head to ``sfr_head/``."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        _unwrap(self.accelerator.unwrap_model(self.model)).save_pretrained(output_dir, state_dict=state_dict)
+        unwrap_model(self.accelerator.unwrap_model(self.model)).save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -212,7 +227,7 @@ class SFRTrainer(Trainer):
         DeepSpeed save the whole module (teacher included) in their own checkpoint files.
         """
         super()._save_optimizer_and_scheduler(output_dir)
-        model = _unwrap(self.accelerator.unwrap_model(self.model))
+        model = unwrap_model(self.accelerator.unwrap_model(self.model))
         if model.teacher is None or not self.args.should_save or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return
         from safetensors.torch import save_file
@@ -231,7 +246,7 @@ class SFRTrainer(Trainer):
 
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        wrapper = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
+        wrapper = unwrap_model(self.accelerator.unwrap_model(model if model is not None else self.model))
         _load_backbone(wrapper.backbone, resume_from_checkpoint)
         if wrapper.head is not None:
             head_file = Path(resume_from_checkpoint) / HEAD_DIR / HEAD_WEIGHTS
