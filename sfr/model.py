@@ -47,6 +47,7 @@ from sfr.checks import check_int
 from sfr.config import SFRConfig
 from sfr.data import IGNORE_INDEX
 from sfr.head import HEAD_DIR, FlowHead, save_flow_head
+from sfr.lora import is_peft_model
 from sfr_kernels import LossPath, loss_path, sfr_loss
 from sfr_kernels.sharding import zero3_managed
 
@@ -88,8 +89,10 @@ def find_decoder(backbone: nn.Module) -> nn.Module:
     """The base model whose ``last_hidden_state`` feeds the LM head (``backbone.model`` for Llama/Qwen).
 
     Looks up ``backbone.<base_model_prefix>``, then ``backbone.get_decoder()``; raises ``ValueError``
-    when neither gives a module distinct from ``backbone``.
+    when neither gives a module distinct from ``backbone``. A peft ``PeftModel`` (LoRA) is looked through.
     """
+    if is_peft_model(backbone):
+        backbone = backbone.get_base_model()
     prefix = getattr(backbone, "base_model_prefix", "") or ""
     candidate = getattr(backbone, prefix, None) if prefix else None
     if not isinstance(candidate, nn.Module) or candidate is backbone:
@@ -430,7 +433,8 @@ class SFRModel(nn.Module):
         """Write the backbone as a plain transformers model and the head to ``save_directory/sfr_head/``.
 
         ``save_directory`` then loads with ``AutoModelForCausalLM.from_pretrained`` (no head or teacher
-        keys) and :func:`load_flow_head`. ``state_dict`` (a full SFRModel state dict, e.g. gathered
+        keys) and :func:`load_flow_head`; a LoRA backbone (peft) writes its adapter instead
+        (``PeftModel.from_pretrained``, :mod:`sfr.lora`). ``state_dict`` (a full SFRModel state dict, e.g. gathered
         from FSDP/DeepSpeed) defaults to this module's; ``kwargs`` go to the backbone's ``save_pretrained``.
         The EMA teacher is not saved: it is training state (the trainer keeps it in checkpoints).
         """

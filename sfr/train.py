@@ -169,6 +169,15 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
             raise ValueError(f"model: the given SFRModel trains objective={model.objective!r} with "
                              f"target_source={model.target_source!r}, args say {args.objective!r} / {args.target_source!r}")
     else:
+        if args.lora_r is not None:
+            from sfr.lora import apply_lora
+
+            torch.manual_seed(args.seed)  # the adapters' random init (lora_A), as the head's below
+            backbone = apply_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+            trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+            _say(f"lora: r={args.lora_r} alpha={args.lora_alpha or 2 * args.lora_r:g} "
+                 f"targets={args.lora_target_modules}: {trainable:,} adapter parameters train, "
+                 f"{sum(p.numel() for p in backbone.parameters()) - trainable:,} backbone weights are frozen")
         find_decoder(backbone)  # the final hidden states must be reachable: fail before preparing data
     find_lm_head(backbone)
     _check_tokenizer(tokenizer, backbone)
@@ -233,6 +242,10 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
     finally:
         torch.set_num_threads(threads)
     trainer.save_model(args.output_dir)  # the plain transformers model + sfr_head/ (no optimizer, no teacher)
+    if args.merge_lora and trainer.args.should_save:
+        from sfr.lora import merge_saved_adapter
+
+        _say(f"--merge-lora: merged model in {merge_saved_adapter(args.output_dir)}")
     metrics = dict(output.metrics)
     metrics["train_wall_s"] = round(time.perf_counter() - started, 2)
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
@@ -248,7 +261,8 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
 
 
 # Files that a run (or a trainer.save_model) leaves in its output directory.
-_RUN_FILES = ("trainer_state.json", TRAINING_ARGS_NAME, "model.safetensors", "model.safetensors.index.json", HEAD_DIR)
+_RUN_FILES = ("trainer_state.json", TRAINING_ARGS_NAME, "model.safetensors", "model.safetensors.index.json", HEAD_DIR,
+              "adapter_config.json")
 
 
 def _check_previous_run(output_dir: Path, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from sfr.data import IGNORE_INDEX
 from sfr.distributed import clip_grad_norm, enable_fsdp_on_cpu, fsdp1_cpu_state_dict
 from sfr.head import HEAD_DIR, HEAD_WEIGHTS
+from sfr.lora import is_peft_model, load_adapter_weights
 from sfr.model import SFRModel
 from sfr.run_record import RunRecordCallback, unwrap_model
 from sfr.schedule import device_seed
@@ -247,7 +248,10 @@ class SFRTrainer(Trainer):
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         wrapper = unwrap_model(self.accelerator.unwrap_model(model if model is not None else self.model))
-        _load_backbone(wrapper.backbone, resume_from_checkpoint)
+        if is_peft_model(wrapper.backbone):
+            load_adapter_weights(wrapper.backbone, resume_from_checkpoint)
+        else:
+            _load_backbone(wrapper.backbone, resume_from_checkpoint)
         if wrapper.head is not None:
             head_file = Path(resume_from_checkpoint) / HEAD_DIR / HEAD_WEIGHTS
             if not head_file.is_file():

@@ -94,6 +94,17 @@ class SFRTrainingArguments(TrainingArguments):
     min_segment_tokens: int = field(default=4, metadata={"help": "m: shorter segments are dropped (preparing raw data)"})
     segment_mode: str = field(default="window", metadata={"choices": SEGMENT_MODES, "help": (
         "window (K tokens) or sentence (up to the sentence end, at most K tokens) (preparing raw data)")})
+    lora_r: int | None = field(default=None, metadata={"help": (
+        "train LoRA adapters of this rank on the backbone (peft) instead of all its weights; the head trains in "
+        "full. OUTPUT_DIR then holds the adapter (PeftModel.from_pretrained) and sfr_head/; unset = full fine-tuning")})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha; unset = 2 * lora_r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": (
+        "modules that get adapters: all-linear (every linear layer but the output layer) or comma-separated "
+        "module names such as q_proj,v_proj")})
+    merge_lora: bool = field(default=False, metadata={"help": (
+        "with --lora-r: also write OUTPUT_DIR/merged/, the base model with the adapter merged in (a plain "
+        "transformers model) and a copy of sfr_head/")})
     ce_backend: str = field(default="auto", metadata={"choices": CE_BACKENDS, "help": (
         "auto (Liger fused linear CE on CUDA when installed, else lm_head + CE), liger or torch")})
     loss_backend: str = field(default="auto", metadata={"choices": LOSS_BACKENDS, "help": (
@@ -135,6 +146,12 @@ class SFRTrainingArguments(TrainingArguments):
             raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {self.ce_backend!r}")
         if self.loss_backend not in LOSS_BACKENDS:
             raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.merge_lora and self.lora_r is None:
+            raise ValueError("merge_lora needs LoRA adapters: pass --lora-r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         self.sfr_config(hidden_size=64)  # validates the head/objective fields now, not at step 1
         if self.ddp_find_unused_parameters is None:
             # Every parameter gets a gradient at every step (the head runs even at lambda = 0), so DDP

@@ -25,6 +25,8 @@ examples:
             --bf16 --per-device-train-batch-size 8 --max-steps 2000 --lambda-max 0.5
   sfr train --output-dir runs/q --resume-from-checkpoint latest   # continue a run (the same --output-dir)
   sfr train --config run.yaml --max-steps 10                # YAML keys = these argument names
+  sfr train --output-dir runs/lora --lora-r 16 --merge-lora  # LoRA adapters (peft) + the full head
+  torchrun --nproc-per-node 8 -m sfr train --fsdp full_shard --fsdp-config examples/distributed/fsdp2.json ...
 
 phases: lambda = 0 for --phase-a-steps (the head learns alone), then a linear ramp to --lambda-max over
 --ramp-steps. Output: a plain transformers model in OUTPUT_DIR (loads with from_pretrained), the flow head
@@ -171,7 +173,12 @@ def _summary(result, wall_s: float) -> str:
         lines.append(f"  {heading}: {', '.join(values)}")
     elif "train_loss" in metrics:
         lines.append(f"  nothing logged (--logging-steps > steps); mean loss over the run: {metrics['train_loss']:.4g}")
-    lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
+    if (Path(result.output_dir) / "adapter_config.json").is_file():  # a LoRA run (sfr.lora)
+        lines.append(f"  LoRA adapter: {result.output_dir} (peft.PeftModel.from_pretrained(base_model, ...))")
+        if (Path(result.output_dir) / "merged").is_dir():
+            lines.append(f"  merged model: {Path(result.output_dir) / 'merged'} (AutoModelForCausalLM.from_pretrained)")
+    else:
+        lines.append(f"  model: {result.output_dir} (AutoModelForCausalLM.from_pretrained)")
     from sfr.head import HEAD_DIR
 
     if (Path(result.output_dir) / HEAD_DIR).is_dir():
