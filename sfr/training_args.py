@@ -51,19 +51,16 @@ def tiny_defaults(max_steps: int | None = None) -> dict:
 
 
 @dataclass
-class SFRTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus what SFR needs (model, data, objective, schedule, head, targets).
+class SFRArguments:
+    """What SFR adds to a trainer's arguments: the objective, the lambda schedule, the head, the targets.
 
-    The head/objective fields are those of :class:`sfr.SFRConfig` (``head_width`` None picks
-    :func:`sfr.model.default_head_width`, ``min(1024, max(2 D, E))``).
+    A mixin of dataclass fields: :class:`SFRTrainingArguments` (``TrainingArguments``, ``sfr train``) and
+    :class:`sfr.integrations.trl.SFRSFTConfig` (TRL's ``SFTConfig``) both carry these. The head/objective
+    fields are those of :class:`sfr.SFRConfig` (``head_width`` None picks
+    :func:`sfr.model.default_head_width`, ``min(1024, max(2 D, E))``). The class that mixes them in calls
+    :meth:`check_sfr_arguments` in its ``__post_init__``.
     """
 
-    model: str | None = field(default=None, metadata={"help": (
-        "model to fine-tune: a Hugging Face name or local path; unset or 'sfr-tiny' = the embedded tiny LM")})
-    data: str | None = field(default=None, metadata={"help": (
-        "training data: any file `sfr prepare --data` reads (chat or prompt/completion JSONL/JSON, a "
-        "Synthetic-Persona-Chat CSV, HumanEval/MBPP; prepared and cached automatically) or a directory "
-        "written by `sfr prepare`; unset = the embedded persona corpus")})
     objective: str = field(default="sfr", metadata={"choices": OBJECTIVES, "help": (
         "sfr (CE + flow-matching SFR), sft (plain CE, no head) or mtp (the deterministic Multi-Token-Prediction "
         "preset of the same head: source_std=0, time_sampling=zero, num_samples=1)")})
@@ -87,13 +84,68 @@ class SFRTrainingArguments(TrainingArguments):
     time_std: float = field(default=1.0, metadata={"help": "logit-normal time scale"})
     encoder: str | None = field(default=None, metadata={"help": (
         "sentence encoder for the targets when raw data is prepared (default: the one `sfr prepare` uses)")})
-    max_length: int | None = field(default=None, metadata={"help": (
-        "truncate tokenised examples to this many tokens; unset = the model's context (max_position_embeddings)")})
     segment_tokens: int = field(default=32, metadata={"help": "K: tokens of an anchor's future segment (preparing raw data)"})
     anchor_stride: int = field(default=8, metadata={"help": "S: an anchor every S response tokens (preparing raw data)"})
     min_segment_tokens: int = field(default=4, metadata={"help": "m: shorter segments are dropped (preparing raw data)"})
     segment_mode: str = field(default="window", metadata={"choices": SEGMENT_MODES, "help": (
         "window (K tokens) or sentence (up to the sentence end, at most K tokens) (preparing raw data)")})
+    ce_backend: str = field(default="auto", metadata={"choices": CE_BACKENDS, "help": (
+        "auto (Liger fused linear CE on CUDA when installed, else lm_head + CE), liger or torch")})
+    loss_backend: str = field(default="auto", metadata={"choices": LOSS_BACKENDS, "help": (
+        "sfr_loss backend: auto (Triton on CUDA, PyTorch reference elsewhere), triton or torch")})
+
+    def check_sfr_arguments(self) -> None:
+        """``ValueError`` naming the first SFR setting that is out of range (called by ``__post_init__``)."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.target_source not in TARGET_SOURCES:
+            raise ValueError(f"target_source must be one of {TARGET_SOURCES}, got {self.target_source!r}")
+        if self.target_source == "ema" and self.objective == "sft":
+            raise ValueError("target_source='ema' needs a head: use objective 'sfr' or 'mtp'")
+        for name in ("phase_a_steps", "ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_max < 0:
+            raise ValueError(f"lambda_max must be >= 0, got {self.lambda_max}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.ce_backend not in CE_BACKENDS:
+            raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {self.ce_backend!r}")
+        if self.loss_backend not in LOSS_BACKENDS:
+            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
+        self.sfr_config(hidden_size=64)  # validates the head/objective fields now, not at step 1
+        if self.ddp_find_unused_parameters is None:
+            # Every parameter gets a gradient at every step (the head runs even at lambda = 0), so DDP
+            # needs no search for unused ones (which costs a graph traversal and breaks reentrant
+            # gradient checkpointing). Pass --ddp-find-unused-parameters true for a backbone that has some.
+            self.ddp_find_unused_parameters = False
+
+    def sfr_config(self, hidden_size: int, embed_dim: int | None = None) -> SFRConfig:
+        """The :class:`SFRConfig` of these arguments for a backbone of hidden size ``D`` and targets of dim ``E``."""
+        width = self.head_width if self.head_width is not None else default_head_width(hidden_size, embed_dim)
+        return SFRConfig(head_width=width, head_depth=self.head_depth, time_features=self.time_features,
+                         num_samples=self.num_samples, source_std=self.source_std,
+                         time_sampling=self.time_sampling, time_mean=self.time_mean, time_std=self.time_std,
+                         reduction="sum")
+
+    def lambda_at(self, step: int) -> float:
+        """``lambda`` at optimizer step ``step`` (0-based): :func:`sfr.schedule.sfr_lambda` of these arguments."""
+        return sfr_lambda(step, self.phase_a_steps, self.ramp_steps, self.lambda_max)
+
+
+@dataclass
+class SFRTrainingArguments(SFRArguments, TrainingArguments):
+    """``TrainingArguments`` plus what SFR needs (:class:`SFRArguments`) and what ``sfr train`` loads (model,
+    data, LoRA)."""
+
+    model: str | None = field(default=None, metadata={"help": (
+        "model to fine-tune: a Hugging Face name or local path; unset or 'sfr-tiny' = the embedded tiny LM")})
+    data: str | None = field(default=None, metadata={"help": (
+        "training data: any file `sfr prepare --data` reads (chat or prompt/completion JSONL/JSON, a "
+        "Synthetic-Persona-Chat CSV, HumanEval/MBPP; prepared and cached automatically) or a directory "
+        "written by `sfr prepare`; unset = the embedded persona corpus")})
+    max_length: int | None = field(default=None, metadata={"help": (
+        "truncate tokenised examples to this many tokens; unset = the model's context (max_position_embeddings)")})
     lora_r: int | None = field(default=None, metadata={"help": (
         "train LoRA adapters of this rank on the backbone (peft) instead of all its weights; the head trains in "
         "full. OUTPUT_DIR then holds the adapter (PeftModel.from_pretrained) and sfr_head/; unset = full fine-tuning")})
@@ -105,10 +157,6 @@ class SFRTrainingArguments(TrainingArguments):
     merge_lora: bool = field(default=False, metadata={"help": (
         "with --lora-r: also write OUTPUT_DIR/merged/, the base model with the adapter merged in (a plain "
         "transformers model) and a copy of sfr_head/")})
-    ce_backend: str = field(default="auto", metadata={"choices": CE_BACKENDS, "help": (
-        "auto (Liger fused linear CE on CUDA when installed, else lm_head + CE), liger or torch")})
-    loss_backend: str = field(default="auto", metadata={"choices": LOSS_BACKENDS, "help": (
-        "sfr_loss backend: auto (Triton on CUDA, PyTorch reference elsewhere), triton or torch")})
     attn_implementation: str | None = field(default=None, metadata={"help": (
         "attention of the loaded model; unset = flash_attention_2 when flash-attn is installed, CUDA is up "
         "and training is in bf16/fp16, else sdpa")})
@@ -122,15 +170,7 @@ class SFRTrainingArguments(TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={"help": "evaluation reports losses only"})
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.target_source not in TARGET_SOURCES:
-            raise ValueError(f"target_source must be one of {TARGET_SOURCES}, got {self.target_source!r}")
-        if self.target_source == "ema" and self.objective == "sft":
-            raise ValueError("target_source='ema' needs a head: use objective 'sfr' or 'mtp'")
-        for name in ("phase_a_steps", "ramp_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.check_sfr_arguments()
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
                              f"num_train_epochs, got {self.max_steps}")
@@ -138,39 +178,13 @@ class SFRTrainingArguments(TrainingArguments):
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.per_device_train_batch_size < 1:
             raise ValueError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
-        if self.lambda_max < 0:
-            raise ValueError(f"lambda_max must be >= 0, got {self.lambda_max}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.ce_backend not in CE_BACKENDS:
-            raise ValueError(f"ce_backend must be one of {CE_BACKENDS}, got {self.ce_backend!r}")
-        if self.loss_backend not in LOSS_BACKENDS:
-            raise ValueError(f"loss_backend must be one of {LOSS_BACKENDS}, got {self.loss_backend!r}")
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.merge_lora and self.lora_r is None:
             raise ValueError("merge_lora needs LoRA adapters: pass --lora-r")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        self.sfr_config(hidden_size=64)  # validates the head/objective fields now, not at step 1
-        if self.ddp_find_unused_parameters is None:
-            # Every parameter gets a gradient at every step (the head runs even at lambda = 0), so DDP
-            # needs no search for unused ones (which costs a graph traversal and breaks reentrant
-            # gradient checkpointing). Pass --ddp-find-unused-parameters true for a backbone that has some.
-            self.ddp_find_unused_parameters = False
         super().__post_init__()
-
-    def sfr_config(self, hidden_size: int, embed_dim: int | None = None) -> SFRConfig:
-        """The :class:`SFRConfig` of these arguments for a backbone of hidden size ``D`` and targets of dim ``E``."""
-        width = self.head_width if self.head_width is not None else default_head_width(hidden_size, embed_dim)
-        return SFRConfig(head_width=width, head_depth=self.head_depth, time_features=self.time_features,
-                         num_samples=self.num_samples, source_std=self.source_std,
-                         time_sampling=self.time_sampling, time_mean=self.time_mean, time_std=self.time_std,
-                         reduction="sum")
-
-    def lambda_at(self, step: int) -> float:
-        """``lambda`` at optimizer step ``step`` (0-based): :func:`sfr.schedule.sfr_lambda` of these arguments."""
-        return sfr_lambda(step, self.phase_a_steps, self.ramp_steps, self.lambda_max)
 
     @classmethod
     def for_embedded_default(cls, **overrides) -> SFRTrainingArguments:

@@ -1,0 +1,1 @@
+"""Integrations with other training libraries: :mod:`sfr.integrations.trl` (TRL's ``SFTTrainer``)."""
