@@ -92,11 +92,13 @@ def embedding_dimension(encoder) -> int:
     return int(encode_texts(encoder, ["probe"], progress=False).shape[1])
 
 
-def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
+def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: bool = True, pool=None) -> np.ndarray:
     """``Y[i] = Enc(texts[i]) / ||Enc(texts[i])||_2``: float32 ``[len(texts), E]``.
 
     Batched, longest texts first so that each batch pads little; a tqdm bar shows windows/s. A zero or
-    non-finite embedding stays non-finite (0/0 = NaN) for the caller to report.
+    non-finite embedding stays non-finite (0/0 = NaN) for the caller to report. ``pool``: a
+    sentence-transformers multi-process pool (``encoder.start_multi_process_pool(devices)``) that gets
+    all the texts in one call and splits them over its devices.
     """
     from tqdm.auto import tqdm
 
@@ -104,11 +106,13 @@ def encode_texts(encoder, texts: list[str], batch_size: int = 256, progress: boo
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunks = []
     desc = f"encode segments ({getattr(encoder, 'device', '?')})"
+    step = len(order) if pool is not None else batch_size
     with tqdm(total=len(texts), unit="window", desc=desc, disable=not progress) as bar:
-        for lo in range(0, len(order), batch_size):
-            batch = [texts[i] for i in order[lo:lo + batch_size]]
+        for lo in range(0, len(order), max(step, 1)):
+            batch = [texts[i] for i in order[lo:lo + step]]
+            extra = {} if pool is None else {"pool": pool}
             chunks.append(np.asarray(encoder.encode(batch, batch_size=batch_size, convert_to_numpy=True,
-                                                    show_progress_bar=False), dtype=np.float32))
+                                                    show_progress_bar=False, **extra), dtype=np.float32))
             bar.update(len(batch))
     if not chunks:
         return np.zeros((0, embedding_dimension(encoder)), dtype=np.float32)

@@ -466,11 +466,12 @@ def _library_progress(enabled: bool):
                 lib.enable_progress_bar()
 
 
-def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool = True):
+def target_features(embed_dim: int):
+    """The ``datasets.Features`` of prepared rows (:data:`COLUMNS`) with targets of dimension ``embed_dim``."""
     import datasets
 
     list_type = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 calls it List
-    features = datasets.Features({
+    return datasets.Features({
         "input_ids": list_type(datasets.Value("int32")),
         "labels": list_type(datasets.Value("int32")),
         "anchor_positions": list_type(datasets.Value("int32")),
@@ -479,7 +480,20 @@ def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool 
         "anchor_targets": list_type(list_type(datasets.Value("float32"), length=embed_dim)),
         "source_index": datasets.Value("int64"),
     })
-    dataset = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in COLUMNS}, features=features)
+
+
+def _write_atomically(rows, metadata, out: Path, embed_dim: int, progress: bool = True):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in COLUMNS},
+                                         features=target_features(embed_dim))
+    return save_atomically(dataset, metadata, out, progress)
+
+
+def save_atomically(dataset, metadata, out: Path, progress: bool = True):
+    """Save ``dataset`` and ``metadata`` to ``out`` through a hidden sibling renamed into place (metadata last)."""
+    import datasets
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = _work_dir(out, "tmp"), _work_dir(out, "old")
     try:
@@ -507,7 +521,7 @@ def _remove_stale_work_dirs(out: Path) -> None:
     Directories of live processes and of other hosts (a shared file system) are left alone."""
     if os.name != "posix" or not out.parent.is_dir():  # liveness via os.kill(pid, 0) is POSIX-only
         return
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(.+)-(\d+)-[0-9a-f]{{8}}")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old|stream)-(.+)-(\d+)-[0-9a-f]{{8}}")
     host = socket.gethostname()
     for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
         match = pattern.fullmatch(path.name)

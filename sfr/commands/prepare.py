@@ -53,6 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even when cached; replace an --out of another embedding dimension")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream JSON/JSONL --data (a file or a directory of them) in chunks instead of loading "
+                             "it: memory stays bounded by --chunk-records and the segment cache, not the corpus "
+                             "(same rows and cache; the source is fingerprinted by its bytes)")
+    parser.add_argument("--chunk-records", type=int, default=4096,
+                        help="--stream: records read, tokenised and encoded at a time (default 4096)")
+    parser.add_argument("--encode-devices", default=None, metavar="DEV,DEV,...",
+                        help="encode on several devices, one sentence-transformers process each, e.g. "
+                             "cuda:0,cuda:1,cuda:2 (implies --stream; default: one encoder on --device)")
     parser.add_argument("--num-proc", type=int, default=1,
                         help="worker processes that tokenise and segment the examples (default 1: in the main "
                              "process, as are data sets of fewer than 8192 records); the output is the same "
@@ -60,13 +69,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    devices = [d.strip() for d in args.encode_devices.split(",") if d.strip()] if args.encode_devices else None
     try:
-        result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
-                         segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
-                         min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
-                         segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
-                         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
-                         num_proc=args.num_proc)
+        if args.stream or devices:
+            from sfr.streaming import prepare_streaming
+
+            if args.data is None:
+                raise ValueError("--stream/--encode-devices read JSON/JSONL files: pass --data")
+            result = prepare_streaming(
+                args.data, args.out, model=args.model, encoder=args.encoder, segment_tokens=args.segment_tokens,
+                anchor_stride=args.anchor_stride, min_segment_tokens=args.min_segment_tokens,
+                max_length=args.max_length, segment_mode=args.segment_mode, batch_size=args.batch_size,
+                device=args.device, encode_devices=devices, chunk_records=args.chunk_records,
+                overwrite=args.overwrite, progress=not args.no_progress)
+        else:
+            result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
+                             segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,
+                             min_segment_tokens=args.min_segment_tokens, max_length=args.max_length,
+                             segment_mode=args.segment_mode, batch_size=args.batch_size, device=args.device,
+                             split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
+                             num_proc=args.num_proc)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"sfr prepare: error: {error}", file=sys.stderr)
         return 2
