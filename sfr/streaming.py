@@ -131,12 +131,13 @@ def _record_batch(rows, anchor_texts, embedding_of: dict, embed_dim: int, schema
 def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_tokens: int = 32, anchor_stride: int = 8,
                       min_segment_tokens: int = 4, max_length: int | None = None, segment_mode: str = "window",
                       batch_size: int = 256, device=None, encode_devices: list[str] | None = None,
-                      chunk_records: int = 4096, cache_segments: int = 50_000, overwrite: bool = False,
-                      progress: bool = True) -> PreparedTargets:
+                      chunk_records: int = 4096, cache_segments: int = 50_000, num_proc: int = 1,
+                      overwrite: bool = False, progress: bool = True) -> PreparedTargets:
     """:func:`sfr.targets.prepare` of JSON(L) ``data`` (a file or a directory of them), streamed (module doc).
 
     ``encode_devices``: encode on these devices, one process each (e.g. ``["cuda:0", "cuda:1"]``;
-    ``["cpu", "cpu"]`` works too); default: one encoder on ``device``. The result is the same rows as
+    ``["cpu", "cpu"]`` works too); default: one encoder on ``device``. ``num_proc``: processes that
+    tokenise and segment, at most ``2 num_proc`` chunks in flight. The result is the same rows as
     :func:`sfr.targets.prepare` would write, and the same metadata except ``source_fingerprint`` (of the
     files' bytes) and ``streaming`` (the settings above and the peak memory).
     """
@@ -146,7 +147,8 @@ def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_token
     from sfr.tiny_lm import resolve_model_name_or_path
 
     _check_segment_args(segment_tokens, anchor_stride, min_segment_tokens, segment_mode)
-    for name, value in (("batch_size", batch_size), ("chunk_records", chunk_records), ("cache_segments", cache_segments)):
+    for name, value in (("batch_size", batch_size), ("chunk_records", chunk_records), ("cache_segments", cache_segments),
+                        ("num_proc", num_proc)):
         check_int(name, value)
     check_int("max_length", max_length, 2, optional=True)
     started = time.perf_counter()
@@ -185,13 +187,8 @@ def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_token
     try:
         with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
                 tqdm(unit="record", desc="prepare (streaming)", disable=not progress) as bar:
-            token_texts: dict = {}
-            for chunk in record_chunks(files, chunk_records):
-                validate_records(chunk, f"{settings['source']} (records {counts['records'] + 1}..)")
-                t0 = time.perf_counter()
-                rows, anchor_texts, skipped, cut_away = _segment_chunk(chunk, counts["records"], tokenizer, settings,
-                                                                       token_texts)
-                timings["tokenize_segment_s"] += time.perf_counter() - t0
+            for rows, anchor_texts, skipped, cut_away, records in _segmented_chunks(
+                    files, chunk_records, tokenizer, settings, num_proc, timings):
                 t0 = time.perf_counter()
                 embedding_of, encoded = cache.embed(
                     [text for texts in anchor_texts for text in texts],
@@ -200,17 +197,18 @@ def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_token
                 timings["encode_s"] += time.perf_counter() - t0
                 if rows:
                     writer.write_batch(_record_batch(rows, anchor_texts, embedding_of, embed_dim, schema))
-                counts.update(records=counts["records"] + len(chunk), examples=counts["examples"] + len(rows),
+                counts.update(records=counts["records"] + records, examples=counts["examples"] + len(rows),
                               skipped_without_response=counts["skipped_without_response"] + skipped,
                               skipped_cut_by_max_length=counts["skipped_cut_by_max_length"] + cut_away,
                               examples_without_anchors=counts["examples_without_anchors"]
                               + sum(not texts for texts in anchor_texts),
                               anchors=counts["anchors"] + sum(len(t) for t in anchor_texts),
                               encoded_segments=counts["encoded_segments"] + encoded)
-                bar.update(len(chunk))
+                bar.update(records)
         if counts["examples"] == 0:
             raise ValueError(f"data set {settings['source']!r}: none of its {counts['records']} examples has a "
                              "response token (assistant/completion)")
+        streamed_peak_mb = _peak_rss_mb()  # saving below reads the rows back through a memory map (file pages)
         import datasets
 
         dataset = datasets.Dataset.from_file(str(arrow_file))
@@ -222,11 +220,12 @@ def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_token
                                    "records_per_s": round(counts["records"] / max(total_s, 1e-9), 1),
                                    "tokenize_segment_windows_per_s": round(
                                        counts["anchors"] / max(timings["tokenize_segment_s"], 1e-9), 1),
-                                   "tokenize_segment_processes": 1,
+                                   "tokenize_segment_processes": num_proc,
                                    "encode_windows_per_s": round(
                                        counts["unique_segments"] / max(timings["encode_s"], 1e-9), 1)},
                     "streaming": {"chunk_records": chunk_records, "cache_segments": cache_segments,
-                                  "encode_devices": list(encode_devices or []), "peak_rss_mb": _peak_rss_mb()}}
+                                  "encode_devices": list(encode_devices or []),
+                                  "peak_rss_mb_streaming": streamed_peak_mb}}
         dataset = save_atomically(dataset, metadata, out, progress)
     finally:
         if pool is not None:
@@ -236,6 +235,47 @@ def prepare_streaming(data, out=None, *, model=None, encoder=None, segment_token
         shutil.rmtree(work, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - started
     return PreparedTargets(out, dataset, metadata, cache_hit=False, timings=timings)
+
+
+def _segmented_chunks(files, chunk_records, tokenizer, settings, num_proc: int, timings: dict):
+    """``(rows, anchor_texts, skipped, cut_away, records)`` per chunk, in order: segmented here, or by
+    ``num_proc`` spawned workers with at most ``2 num_proc`` chunks in flight (bounded memory)."""
+    import concurrent.futures
+    import multiprocessing
+    from collections import deque
+
+    from sfr.targets import _init_segment_worker, _segment_chunk_in_worker
+
+    token_texts: dict = {}
+    start = 0
+    if num_proc == 1:
+        for chunk in record_chunks(files, chunk_records):
+            validate_records(chunk, f"{settings['source']} (records {start + 1}..)")
+            t0 = time.perf_counter()
+            result = _segment_chunk(chunk, start, tokenizer, settings, token_texts)
+            timings["tokenize_segment_s"] += time.perf_counter() - t0
+            start += len(chunk)
+            yield (*result, len(chunk))
+        return
+    workers = concurrent.futures.ProcessPoolExecutor(  # spawned, as sfr.targets does (no half-copied threads)
+        max_workers=num_proc, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_segment_worker, initargs=(settings["tokenizer"],))
+    pending = deque()
+    try:
+        t0 = time.perf_counter()
+        for chunk in record_chunks(files, chunk_records):
+            validate_records(chunk, f"{settings['source']} (records {start + 1}..)")
+            pending.append((workers.submit(_segment_chunk_in_worker, chunk, start, settings), len(chunk)))
+            start += len(chunk)
+            while len(pending) >= 2 * num_proc or (pending and pending[0][0].done()):
+                future, size = pending.popleft()
+                yield (*future.result(), size)
+        while pending:
+            future, size = pending.popleft()
+            yield (*future.result(), size)
+        timings["tokenize_segment_s"] += time.perf_counter() - t0  # wall time of the overlapped pipeline
+    finally:
+        workers.shutdown(wait=True, cancel_futures=True)
 
 
 def _peak_rss_mb() -> float:

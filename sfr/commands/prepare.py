@@ -81,7 +81,7 @@ def main(args) -> int:
                 anchor_stride=args.anchor_stride, min_segment_tokens=args.min_segment_tokens,
                 max_length=args.max_length, segment_mode=args.segment_mode, batch_size=args.batch_size,
                 device=args.device, encode_devices=devices, chunk_records=args.chunk_records,
-                overwrite=args.overwrite, progress=not args.no_progress)
+                num_proc=args.num_proc, overwrite=args.overwrite, progress=not args.no_progress)
         else:
             result = prepare(args.data, args.out, model=args.model, encoder=args.encoder,
                              segment_tokens=args.segment_tokens, anchor_stride=args.anchor_stride,

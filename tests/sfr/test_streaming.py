@@ -38,17 +38,20 @@ def test_streamed_rows_equal_the_in_memory_ones_across_chunks_and_cache_eviction
         targets = np.asarray(got.pop("anchor_targets")), np.asarray(want.pop("anchor_targets"))
         assert got == want
         np.testing.assert_allclose(*targets, atol=1e-6)
-    assert streamed.metadata["streaming"]["peak_rss_mb"] > 0
+    assert streamed.metadata["streaming"]["peak_rss_mb_streaming"] > 0
     again = prepare_streaming(corpus_file, tmp_path / "s", chunk_records=7, cache_segments=5, progress=False)
     assert again.cache_hit
 
 
-def test_two_encoder_processes_give_the_same_targets(corpus_file, in_memory, tmp_path):
-    streamed = prepare_streaming(corpus_file, tmp_path / "pool", encode_devices=["cpu", "cpu"], chunk_records=20,
-                                 progress=False)
+def test_two_encoder_and_two_tokeniser_processes_give_the_same_rows(corpus_file, in_memory, tmp_path):
+    streamed = prepare_streaming(corpus_file, tmp_path / "pool", encode_devices=["cpu", "cpu"], chunk_records=8,
+                                 num_proc=2, progress=False)  # and two tokenising workers, 5 chunks in order
     assert streamed.metadata["throughput"]["device"] == "cpu,cpu"
+    assert streamed.metadata["throughput"]["tokenize_segment_processes"] == 2
     for got, want in zip(_rows(streamed.dataset), _rows(in_memory.dataset)):
-        np.testing.assert_allclose(np.asarray(got["anchor_targets"]), np.asarray(want["anchor_targets"]), atol=1e-5)
+        targets = np.asarray(got.pop("anchor_targets")), np.asarray(want.pop("anchor_targets"))
+        assert got == want
+        np.testing.assert_allclose(*targets, atol=1e-5)
 
 
 def test_a_bad_record_and_a_non_json_source_are_clear_errors(tmp_path):
