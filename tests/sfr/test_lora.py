@@ -3,8 +3,8 @@ with merge_lora, a merged plain model that computes what the adapted model compu
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_args, one_thread, tiny_backbone, tiny_dataset  # noqa: F401  (one_thread: an autouse fixture)
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from tiny_models import StopAt, make_args, one_thread, tiny_backbone, tiny_dataset  # noqa: F401  (one_thread: an autouse fixture)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfr.head import load_flow_head
 from sfr.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR, apply_lora
@@ -67,15 +67,6 @@ def test_lora_freezes_the_backbone_and_reaches_its_hidden_states(base_dir):
     model = SFRModel.from_backbone(backbone, 8)
     assert find_decoder(backbone) is backbone.get_base_model().model  # the LlamaModel, through the wrapper
     assert model.hidden_size == 32 and all(p.requires_grad for p in model.head.parameters())
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_lora_run_resumes_exactly(tmp_path, base_dir):

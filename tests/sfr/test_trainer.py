@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import D, E, T, V, make_args, one_thread, tiny_backbone, tiny_dataset  # noqa: F401  (one_thread: an autouse fixture)
-from transformers import AutoModelForCausalLM, TrainerCallback
+from tiny_models import D, E, StopAt, T, V, make_args, one_thread, tiny_backbone, tiny_dataset  # noqa: F401  (one_thread: an autouse fixture)
+from transformers import AutoModelForCausalLM
 
 from sfr.config import SFRConfig
 from sfr.head import load_flow_head
@@ -67,15 +67,6 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         assert a["ce_loss"] == pytest.approx(b["ce_loss"], rel=1e-5)
         assert a["sfr_loss"] == pytest.approx(b["sfr_loss"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("target_source", ["precomputed", "ema"])

@@ -7,7 +7,7 @@ active there.
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 
 from sfr.training_args import SFRTrainingArguments
 
@@ -60,3 +60,14 @@ def make_args(tmp_path, **overrides):
                     dataloader_num_workers=0)
     settings.update(overrides)
     return SFRTrainingArguments(**settings)
+
+
+class StopAt(TrainerCallback):
+    """Stop training after optimizer step ``step`` (to interrupt a run that a test then resumes)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
