@@ -215,6 +215,7 @@ def _train(args: SFRTrainingArguments, checkpoint: str | None, model, data, toke
         extra.append(EMAUpdateCallback())
     trainer = SFRTrainer(model=sfr_model, args=args, train_dataset=dataset, data_collator=collator,
                          processing_class=tokenizer, callbacks=extra)
+    trainer.run_record.say = _say  # its lines (which loss path, on what) are this run's, silenced by quiet
     if _QUIET.get():  # with its progress bar off, the Trainer prints every log as a dict
         from transformers.trainer_callback import PrinterCallback
 

@@ -101,7 +101,8 @@ class SFRTrainer(Trainer):
                              "compute_loss_func are not supported")
         self.add_callback(PhaseCheckCallback)
         schedule = {name: getattr(self.args, name) for name in ("phase_a_steps", "ramp_steps", "lambda_max")}
-        self.add_callback(RunRecordCallback(self, schedule))  # OUTPUT_DIR/sfr_run.json and the first log lines
+        self.run_record = RunRecordCallback(self, schedule)  # OUTPUT_DIR/sfr_run.json and the first log lines
+        self.add_callback(self.run_record)
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
         self._micro_step = 0
