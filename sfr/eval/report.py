@@ -38,8 +38,11 @@ def markdown_table(rows: Mapping[str, Mapping[str, object]], columns: Sequence[t
 
 
 def bar_plots(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[str, str]], path: Path,
-              title: str) -> Path | None:
-    """One bar chart per metric (models side by side) in one PNG; metrics with no value are left out."""
+              title: str, errors: Mapping[str, Mapping[str, tuple]] | None = None, note: str | None = None) -> Path | None:
+    """One bar chart per metric (models side by side) in one PNG; metrics with no value are left out.
+
+    ``errors[row][key] = (low, high)``: an interval drawn as an error bar on that bar (say in ``note``,
+    printed under the plots, which interval it is)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,22 +55,31 @@ def bar_plots(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[
     names = list(rows)
     cols = min(3, len(present))
     nrows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows + (0.4 if note else 0)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label) in zip(axes.flat, present):
         values = [rows[n].get(key) if rows[n].get(key) is not None else float("nan") for n in names]
-        bars = ax.bar(range(len(names)), values, color=[colors[i % len(colors)] for i in range(len(names))])
+        bounds = [(errors or {}).get(n, {}).get(key) or (v, v) for n, v in zip(names, values)]
+        yerr = [[max(v - low, 0.0) for v, (low, _) in zip(values, bounds)],
+                [max(high - v, 0.0) for v, (_, high) in zip(values, bounds)]]
+        bars = ax.bar(range(len(names)), values, color=[colors[i % len(colors)] for i in range(len(names))],
+                      yerr=yerr if errors else None, capsize=3 if errors else 0, ecolor="black")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         finite = [v for v in values if not math.isnan(v)]
+        tops = [max(v, high) for v, (_, high) in zip(values, bounds) if not math.isnan(v)]
         if finite and min(finite) >= 0:  # room for the labels; a visible axis even when all are 0
-            ax.set_ylim(0, max(max(finite) * 1.15, 1e-3))
+            ax.set_ylim(0, max(max(tops) * 1.15, 1e-3))
+        else:
+            ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(names)), [Path(n).name or n for n in names], rotation=20, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
