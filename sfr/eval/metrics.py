@@ -211,10 +211,34 @@ def mode_statistics(labels: Sequence[str | None], reference: Mapping[str, float]
     }
 
 
+def bootstrap_interval(values: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> dict:
+    """Mean of ``values`` (e.g. one metric per prompt) with a percentile bootstrap confidence interval over
+    the items: ``{"mean", "low", "high", "n"}`` (``low``/``high`` NaN with fewer than 2 items)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    check_int("num_resamples", num_resamples)
+    n = values.size
+    if n == 0:
+        raise ValueError("need at least one value")
+    mean = float(values.mean())
+    if n < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, n, size=(num_resamples, n))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {"mean": mean, "low": float(low), "high": float(high), "n": n}
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
                      seed: int = 0) -> dict:
     """Mean difference ``mean(b - a)`` of paired per-item values (e.g. one metric per prompt for two
-    models) with a percentile bootstrap confidence interval over the items.
+    models) with a percentile bootstrap confidence interval over the items (:func:`bootstrap_interval`
+    of the differences).
 
     Returns ``{"diff", "low", "high", "n"}``; ``low``/``high`` are NaN with fewer than 2 items. The
     interval says how much the difference could move if other prompts had been drawn: when it
@@ -223,21 +247,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], num_resamples: int 
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
         raise ValueError(f"a and b must be 1-D and of equal length, got shapes {a_arr.shape} and {b_arr.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    check_int("num_resamples", num_resamples)
-    diff = b_arr - a_arr
-    n = diff.size
-    if n == 0:
+    if a_arr.size == 0:
         raise ValueError("need at least one paired value")
-    mean = float(diff.mean())
-    if n < 2:
-        return {"diff": mean, "low": float("nan"), "high": float("nan"), "n": n}
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, n, size=(num_resamples, n))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return {"diff": mean, "low": float(low), "high": float(high), "n": n}
+    stats = bootstrap_interval(b_arr - a_arr, num_resamples, confidence, seed)
+    return {"diff": stats["mean"], "low": stats["low"], "high": stats["high"], "n": stats["n"]}
 
 
 def mean_or_nan(values) -> float:

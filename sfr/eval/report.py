@@ -167,7 +167,9 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
           "sacrebleu's 0-100 scale. " + style
           + "Quality proxies: " + heldout + reference
           + "valid-reply and on-topic rate (embedded corpus only) are exact checks of well-formedness. "
-          "See `sfr.eval.dialogue`.", ""]
+          "Cross-style self-BLEU / similarity: per question asked under ≥ 2 system prompts, how alike the styles' "
+          "replies are (lower = they differ more), averaged over questions; per-question values in `results.json` "
+          "under `cross_style` (n/a when no question has 2 styles). See `sfr.eval.dialogue`.", ""]
     flagged = {name: m["language_warnings"] for name, m in results["models"].items() if m.get("language_warnings")}
     for name, reasons in flagged.items():
         md += [f"**Warning: the replies of `{name}` are probably not language** ({'; '.join(reasons)}). Its "
@@ -290,7 +292,11 @@ def render_demo_report(results: dict, table: str, samples: dict) -> str:
         "computed per prompt and averaged over prompts. SFR − SFT is the mean per-prompt difference with a 95 % "
         "paired bootstrap interval over prompts: an interval that contains 0 means the two models are not "
         "distinguishable on these prompts. The interval covers the choice of prompts and samples, not the training "
-        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread).", "",
+        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread, or "
+        "`sfr study` for intervals across training seeds). Cross-style metrics are computed per question over the "
+        "personas that ask it (2 per question in the eval split) and averaged over questions (their interval is over "
+        "questions). `base` = the untrained `sfr-tiny` both runs start from, sampled and scored the same way. The "
+        "plots' error bars are each model's own 95 % bootstrap interval over prompts.", "",
         "Summary (a model is called better only when the interval excludes 0):", "",
         *verdict_summary(results["comparison"]), "",
         "## What the metrics mean", "",
@@ -307,6 +313,10 @@ def render_demo_report(results: dict, table: str, samples: dict) -> str:
         "not bought with broken text); valid-reply rate = fraction of samples that are exactly one of the "
         "well-formed replies of that persona to that question; on-topic rate = fraction that give exactly one "
         "valid kind of answer.", "",
+        "* **Cross-style**: cross-style self-BLEU = sacrebleu sentence-BLEU of each reply against the replies of the "
+        "other personas to the same question; cross-style similarity = mean cosine between embeddings of replies of "
+        "different personas. Lower = the personas' replies differ more; a model with \"Cross-Style Collapse\" gives "
+        "every persona the same answer (see `sfr study` and docs/study.md).", "",
         "## Plots", "",
         "![diversity](diversity.png)", "", "![style](style.png)", "", "![quality](quality.png)", "",
         "![training curves](loss.png)", "",
