@@ -46,7 +46,9 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,27 @@ DEFAULT_EXAMPLES_PER_PAIR = 10
 def sfr_cache_dir() -> Path:
     """The sfr cache directory: ``$SFR_CACHE`` when set, else ``~/.cache/sfr``."""
     return Path(os.environ.get("SFR_CACHE") or Path.home() / ".cache" / "sfr").expanduser()
+
+
+def build_cached(path, build, complete: str = "model.safetensors") -> Path:
+    """``path``, built on first use: ``build(tmp)`` writes into a temporary sibling directory, which is then
+    renamed to ``path``, so an interrupted build never leaves a half-written directory. ``path`` counts as
+    built when it holds the file ``complete``; a concurrent builder's finished copy wins."""
+    path = Path(path)
+    if (path / complete).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / complete).is_file():  # not a concurrent builder's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 @dataclass(frozen=True)

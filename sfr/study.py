@@ -32,10 +32,8 @@ import io
 import json
 import os
 import random
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -170,16 +168,13 @@ def prepared_data(records) -> str:
 
 def train_base(settings: StudySettings, progress: bool = False) -> Path:
     """The base model's directory (trained on first use, then cached under ``<sfr cache>/study/``)."""
-    from sfr.corpus import build_base_corpus, sfr_cache_dir
+    from sfr.corpus import build_base_corpus, build_cached, sfr_cache_dir
     from sfr.train import train
 
     config = base_settings(settings)
-    path = sfr_cache_dir() / "study" / f"base-{_fingerprint(config)}"
-    if (path / "model.safetensors").is_file():
-        return path
-    callback, bar = _step_bar(settings.base_steps, "base stage", progress)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
+        callback, bar = _step_bar(settings.base_steps, "base stage", progress)
         started = time.perf_counter()
         with quiet_libraries():
             data = prepared_data(build_base_corpus(settings.base_examples_per_prompt))
@@ -187,14 +182,8 @@ def train_base(settings: StudySettings, progress: bool = False) -> Path:
                                       settings.learning_rate), model="sfr-tiny", data=data, callbacks=[callback])
         bar.close()
         (tmp / "study_base.json").write_text(json.dumps({**config, "train_wall_s": time.perf_counter() - started}))
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "model.safetensors").is_file():  # not a concurrent builder's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_cached(sfr_cache_dir() / "study" / f"base-{_fingerprint(config)}", build)
 
 
 def fine_tuning_records(settings: StudySettings) -> list[dict]:
