@@ -110,6 +110,18 @@ def summary_tables(summary: dict, metrics=HEADLINE) -> tuple[str, str]:
     return absolute, paired
 
 
+def compute_table(runs) -> str:
+    """Markdown: per result row, the mean training and evaluation wall time over its seeds."""
+    import numpy as np
+
+    lines = ["| row | seeds | train s | evaluate s |", "|---|---:|---:|---:|"]
+    for name in row_names(runs):
+        mine = [run["timings"] for run in runs if run["name"] == name]
+        lines.append(f"| {name} | {len(mine)} | {np.mean([t['train_s'] for t in mine]):.0f} | "
+                     f"{np.mean([t['eval_s'] for t in mine]):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _plots(results: dict, out: Path) -> dict[str, str]:
     from sfr.eval.report import bar_plots
 
@@ -168,8 +180,11 @@ def render_report(results: dict) -> str:
         "## Every metric", "", all_absolute, all_paired,
         "Arrows: ↑ higher is better, ↓ lower is better, → corpus: closest to the corpus row is best. Cross-style "
         "self-BLEU and similarity: lower = the personas' replies to a prompt differ more (a lower value is not "
-        "better by itself: random text is lowest). Cross-style self-BLEU saturates on this corpus (each prompt has "
-        "only 7 content templates, so the content-only value of the corpus is 100).", "",
+        "better by itself: random text is lowest). Cross-style self-BLEU saturates on this corpus: each prompt has "
+        "only 7 content templates, so a well-formed reply finds its content among the other personas' replies (see "
+        "the corpus row of the content-only self-BLEU).", "",
+        "Wall seconds per run (mean over seeds; the `-T` rows reuse their cell's trained models):", "",
+        compute_table(results["runs"]),
         f"Compute ({settings['device']}, {settings['jobs']} process(es), 1 torch thread each): base stage "
         f"{timings['base_s']:.0f} s (0 when cached), reference rows {timings['references_s']:.0f} s, fine-tunes and "
         f"evaluations {timings['runs_s']:.0f} s, total {timings['total_s']:.0f} s wall.", ""]
@@ -181,6 +196,7 @@ def write_study_report(results: dict, out) -> dict[str, str]:
     from sfr.eval.report import write_outputs
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     files = _plots(results, out)
     files.update(write_outputs(out, {"results.json": results, "report.md": render_report(results)}))
     return files

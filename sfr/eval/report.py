@@ -59,15 +59,17 @@ def bar_plots(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label) in zip(axes.flat, present):
         values = [rows[n].get(key) if rows[n].get(key) is not None else float("nan") for n in names]
-        bounds = [(errors or {}).get(n, {}).get(key) or (v, v) for n, v in zip(names, values)]
-        yerr = [[max(v - low, 0.0) for v, (low, _) in zip(values, bounds)],
-                [max(high - v, 0.0) for v, (_, high) in zip(values, bounds)]]
+        nan = (float("nan"), float("nan"))  # no interval: no error bar
+        bounds = [(errors or {}).get(n, {}).get(key) or nan for n in names]
+        yerr = [[max(v - low, 0.0) if low == low else low for v, (low, _) in zip(values, bounds)],
+                [max(high - v, 0.0) if high == high else high for v, (_, high) in zip(values, bounds)]]
         bars = ax.bar(range(len(names)), values, color=[colors[i % len(colors)] for i in range(len(names))],
                       yerr=yerr if errors else None, capsize=3 if errors else 0, ecolor="black")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         finite = [v for v in values if not math.isnan(v)]
-        tops = [max(v, high) for v, (_, high) in zip(values, bounds) if not math.isnan(v)]
-        if finite and min(finite) >= 0:  # room for the labels; a visible axis even when all are 0
+        tops = [max(v, high) if high == high else v for v, (_, high) in zip(values, bounds) if not math.isnan(v)]
+        bottoms = [min(v, low) if low == low else v for v, (low, _) in zip(values, bounds) if not math.isnan(v)]
+        if finite and min(bottoms) >= 0:  # room for the labels; a visible axis even when all are 0
             ax.set_ylim(0, max(max(tops) * 1.15, 1e-3))
         else:
             ax.axhline(0.0, color="grey", linewidth=0.8)

@@ -56,7 +56,8 @@ def test_bar_plots_draw_the_given_intervals_as_error_bars(tmp_path, monkeypatch)
     assert bar_plots(rows, [("a", "A")], tmp_path / "e.png", "t", errors, "error bars: a note").is_file()
     heights, yerr = drawn[0]
     assert heights == [0.5, 0.6, 0.9]
-    assert yerr[0] == pytest.approx([0.25, 0.1, 0.0]) and yerr[1] == pytest.approx([0.25, 0.05, 0.0])
+    assert yerr[0][:2] == pytest.approx([0.25, 0.1]) and yerr[1][:2] == pytest.approx([0.25, 0.05])
+    assert math.isnan(yerr[0][2]) and math.isnan(yerr[1][2])  # no interval, no error bar
 
 
 def test_write_outputs_writes_json_text_and_plots_and_leaves_no_staging(tmp_path):
