@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sfr.commands.eval", "evaluate models: dialogue diversity/style, code pass@k"),
     "diagnose": ("sfr.commands.diagnose", "Lock/Fork diagnostics: where do a model's futures branch?"),
     "demo": ("sfr.commands.demo", "train SFT and SFR on the embedded default and compare them"),
+    "study": ("sfr.commands.study", "Cross-Style Collapse: SFT vs SFR vs MTP across training seeds, with intervals"),
 }
 
 

@@ -27,6 +27,11 @@ class SFRConfig:
         time_mean, time_std: location and scale of the logit-normal time distribution.
         reduction: ``"mean"`` over anchors, or ``"sum"`` (the trainer normalises by the anchor count
             of the whole accumulated batch).
+        target_scale: the targets ``y`` are multiplied by this before the loss (:meth:`target_multiplier`):
+            a number > 0, or ``"sqrt_e"`` for ``sqrt(E)``, which gives unit-norm encoder targets unit
+            per-dimension variance, like the ``sigma = 1`` source. With 1.0 (the default) the part of the
+            flow target ``u = y - x0`` that depends on the future is ~1/E of the noise's, and the MTP
+            loss is O(1/E); docs/study.md measures what the scale changes.
     """
 
     head_width: int = 1024
@@ -38,6 +43,7 @@ class SFRConfig:
     time_mean: float = 0.0
     time_std: float = 1.0
     reduction: str = "mean"
+    target_scale: float | str = 1.0
 
     def __post_init__(self):
         for name in ("head_width", "head_depth", "num_samples"):
@@ -52,6 +58,14 @@ class SFRConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.target_scale != "sqrt_e":
+            try:
+                scale = float(self.target_scale)  # also a number given as text (a CLI flag)
+            except (TypeError, ValueError):
+                scale = math.nan
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"target_scale must be a finite number > 0 or 'sqrt_e', got {self.target_scale!r}")
+            self.target_scale = scale
 
     @classmethod
     def mtp(cls, **overrides) -> SFRConfig:
@@ -63,6 +77,10 @@ class SFRConfig:
         return dict(num_samples=self.num_samples, source_std=self.source_std,
                     time_sampling=self.time_sampling, time_mean=self.time_mean,
                     time_std=self.time_std, reduction=self.reduction)
+
+    def target_multiplier(self, embed_dim: int) -> float:
+        """What the targets are multiplied by before the loss: ``target_scale``, or ``sqrt(embed_dim)``."""
+        return math.sqrt(embed_dim) if self.target_scale == "sqrt_e" else float(self.target_scale)
 
     def head_kwargs(self) -> dict:
         """Keyword arguments of :class:`sfr.FlowHead` set by this config."""

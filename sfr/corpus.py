@@ -20,7 +20,9 @@ persona and a seen prompt, used as sampling prompts; its records also carry a re
 ``examples_per_pair`` examples per pair (default 10: 720 train and 180 eval records), the modes are
 allocated by largest-remainder rounding of ``examples_per_pair * probability`` (so the corpus
 frequencies equal the known ones exactly when ``examples_per_pair`` is a multiple of 10), then
-shuffled. Replies are 8-19 words. The output is a deterministic function of
+shuffled; ``allocation="drawn"`` draws each example's mode from the known frequencies instead (with
+one example per pair, the personas then give different kinds of answer to the same prompt, where
+largest remainder would give every pair the top mode). Replies are 8-19 words. The output is a deterministic function of
 ``(split, seed, examples_per_pair)`` (string-seeded ``random.Random``, stable across platforms).
 
 Records use the TRL conversational format plus labels of their own::
@@ -30,7 +32,8 @@ Records use the TRL conversational format plus labels of their own::
 
 Stable API (the evaluation reads it): :data:`PERSONAS` (name -> :class:`Persona` with
 ``marker_regex``), :data:`PROMPTS` (id -> :class:`Prompt` with ``modes``), :func:`mode_frequencies`,
-:func:`has_style_marker`, :func:`classify_mode`, :func:`valid_replies`, :func:`render_reply`, :func:`build_corpus`, :func:`split_pairs`, :func:`default_corpus_path`,
+:func:`has_style_marker`, :func:`classify_mode`, :func:`valid_replies`, :func:`render_reply`, :func:`strip_style`,
+:func:`draw_replies`, :func:`build_corpus`, :func:`build_base_corpus`, :func:`split_pairs`, :func:`default_corpus_path`,
 :func:`write_jsonl`. Changing the content of the corpus means bumping :data:`CORPUS_VERSION`.
 
 ``sfr prepare`` / ``sfr train`` build the train split in memory when given no data;
@@ -43,13 +46,17 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sfr.checks import check_int
 
 SPLITS = ("train", "eval")
+ALLOCATIONS = ("proportional", "drawn")
+NEUTRAL_SYSTEM_PROMPT = "You are a helpful assistant."
 CORPUS_VERSION = "v1"
 DEFAULT_EXAMPLES_PER_PAIR = 10
 
@@ -57,6 +64,27 @@ DEFAULT_EXAMPLES_PER_PAIR = 10
 def sfr_cache_dir() -> Path:
     """The sfr cache directory: ``$SFR_CACHE`` when set, else ``~/.cache/sfr``."""
     return Path(os.environ.get("SFR_CACHE") or Path.home() / ".cache" / "sfr").expanduser()
+
+
+def build_cached(path, build, complete: str = "model.safetensors") -> Path:
+    """``path``, built on first use: ``build(tmp)`` writes into a temporary sibling directory, which is then
+    renamed to ``path``, so an interrupted build never leaves a half-written directory. ``path`` counts as
+    built when it holds the file ``complete``; a concurrent builder's finished copy wins."""
+    path = Path(path)
+    if (path / complete).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / complete).is_file():  # not a concurrent builder's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -246,6 +274,9 @@ PROMPTS: dict[str, Prompt] = {p.prompt_id: p for p in [
 
 PROMPT_ORDER = tuple(PROMPTS)
 PERSONA_ORDER = tuple(PERSONAS)
+# Every persona's openers and closers, longest first (strip_style removes the longest that fits).
+_OPENERS = sorted({o.strip() for p in PERSONAS.values() for o in p.openers if o.strip()}, key=len, reverse=True)
+_CLOSERS = sorted({c.strip() for p in PERSONAS.values() for c in p.closers if c.strip()}, key=len, reverse=True)
 _HELD_OUT_OFFSETS = (0, 5)  # persona i holds out prompts i and i + 5 (mod the number of prompts)
 
 
@@ -318,30 +349,82 @@ def allocate_modes(prompt_id: str, count: int) -> list[str]:
     return [mode for mode in freqs for _ in range(counts[mode])]
 
 
-def build_corpus(split: str = "train", seed: int = 0, examples_per_pair: int | None = None) -> list[dict]:
+def draw_replies(persona: str | None, prompt_id: str, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``count`` ``(mode, reply)`` pairs from the corpus' generative process: each mode drawn with the
+    known frequencies (:func:`mode_frequencies`), a template of it and ``persona``'s opener and closer
+    uniformly (``persona=None``: un-styled, the bare template)."""
+    freqs = mode_frequencies(prompt_id)
+    modes = rng.choices(list(freqs), weights=list(freqs.values()), k=count)
+    return [(mode, _styled(persona, rng.choice(PROMPTS[prompt_id].modes[mode].templates), rng)) for mode in modes]
+
+
+def build_corpus(split: str = "train", seed: int = 0, examples_per_pair: int | None = None,
+                 allocation: str = "proportional") -> list[dict]:
     """The records of ``split`` (see the module docstring): ``examples_per_pair`` (default 10) per
-    (persona, prompt) pair, modes allocated in proportion to :func:`mode_frequencies`."""
+    (persona, prompt) pair, modes allocated in proportion to :func:`mode_frequencies`
+    (``allocation="proportional"``, largest remainder) or drawn from them (``"drawn"``)."""
     pairs = split_pairs(split)
     n = DEFAULT_EXAMPLES_PER_PAIR if examples_per_pair is None else examples_per_pair
     check_int("examples_per_pair", n)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     records = []
     for persona, prompt_id in pairs:
         # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
         rng = random.Random(f"sfr-corpus-{CORPUS_VERSION}-{seed}-{split}-{persona}-{prompt_id}")
-        modes = allocate_modes(prompt_id, n)
-        rng.shuffle(modes)
-        prompt = PROMPTS[prompt_id]
-        for mode in modes:
-            reply = render_reply(persona, rng.choice(prompt.modes[mode].templates), rng)
-            records.append({
-                "messages": [
-                    {"role": "system", "content": PERSONAS[persona].system_prompt},
-                    {"role": "user", "content": prompt.user_text},
-                    {"role": "assistant", "content": reply},
-                ],
-                "persona": persona, "prompt_id": prompt_id, "mode": mode,
-            })
+        if allocation == "drawn":
+            replies = draw_replies(persona, prompt_id, n, rng)
+        else:
+            modes = allocate_modes(prompt_id, n)
+            rng.shuffle(modes)
+            prompt = PROMPTS[prompt_id]
+            replies = [(mode, render_reply(persona, rng.choice(prompt.modes[mode].templates), rng)) for mode in modes]
+        records += [_record(PERSONAS[persona].system_prompt, persona, prompt_id, mode, reply) for mode, reply in replies]
     return records
+
+
+def build_base_corpus(examples_per_prompt: int = 200, seed: int = 0) -> list[dict]:
+    """Un-styled replies for a base ("pretraining") stage before persona fine-tuning.
+
+    Every prompt ``examples_per_prompt`` times, modes allocated by largest remainder of the known
+    frequencies (as diverse as the persona data, no more), templates uniformly, no persona opener or
+    closer. The system prompt cycles over :data:`NEUTRAL_SYSTEM_PROMPT` and the 9 persona prompts, so a
+    model trained on it is coherent under a persona prompt without following it. Records are shuffled;
+    ``"persona"`` is None."""
+    check_int("examples_per_prompt", examples_per_prompt)
+    systems = [NEUTRAL_SYSTEM_PROMPT] + [p.system_prompt for p in PERSONAS.values()]
+    records = []
+    for prompt_id, prompt in PROMPTS.items():
+        rng = random.Random(f"sfr-base-corpus-{CORPUS_VERSION}-{seed}-{prompt_id}")
+        modes = allocate_modes(prompt_id, examples_per_prompt)
+        rng.shuffle(modes)
+        records += [_record(systems[i % len(systems)], None, prompt_id, mode,
+                            _styled(None, rng.choice(prompt.modes[mode].templates), rng))
+                    for i, mode in enumerate(modes)]
+    random.Random(f"sfr-base-corpus-order-{seed}").shuffle(records)
+    return records
+
+
+def strip_style(text: str) -> str:
+    """The content of a corpus reply: any persona's opener and closer removed (the template, as
+    :func:`draw_replies` with ``persona=None`` writes it: first letter capitalised)."""
+    text = " ".join(text.split())
+    opener = next((o for o in _OPENERS if text.startswith(o)), "")
+    text = text[len(opener):]
+    closer = next((c for c in _CLOSERS if text.endswith(c)), "")
+    text = text[:len(text) - len(closer)].strip()
+    return text[:1].upper() + text[1:]
+
+
+def _styled(persona: str | None, template: str, rng: random.Random) -> str:
+    return _dress("", template, "") if persona is None else render_reply(persona, template, rng)
+
+
+def _record(system: str, persona: str | None, prompt_id: str, mode: str, reply: str) -> dict:
+    return {"messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": PROMPTS[prompt_id].user_text},
+                         {"role": "assistant", "content": reply}],
+            "persona": persona, "prompt_id": prompt_id, "mode": mode}
 
 
 def write_jsonl(records, path) -> Path:

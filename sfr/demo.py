@@ -15,8 +15,14 @@ What it does (:func:`run_demo`):
    embedding diversity), style (persona-classifier accuracy, exact style-marker rate, mode coverage /
    entropy / TV distance against the corpus' known mode frequencies) and quality proxies (held-out NLL
    of the eval references, exact valid-reply and on-topic rates).
-3. For every metric, the difference SFR - SFT with a 95 % paired bootstrap interval over the prompts:
-   when it contains 0 the two models are not distinguishable on this data.
+   The untrained ``sfr-tiny`` (the start of both runs) is scored the same way: the ``base`` column.
+   Cross-style metrics (:mod:`sfr.eval.cross_style`) compare the personas' replies to the same question
+   (eval-split questions held out for 2 personas each).
+3. For every metric, the difference SFR - SFT with a 95 % paired bootstrap interval over the prompts
+   (over the questions for the cross-style metrics): when it contains 0 the two models are not
+   distinguishable on this data. The plots' error bars are each model's own 95 % bootstrap interval
+   over prompts. Both cover prompts and samples of one training run, not training seeds (``sfr
+   study`` replicates over seeds).
 4. Runs the Lock/Fork diagnostics (:mod:`sfr.diagnostics`) on the SFR model (SFT has no flow head).
 5. Writes ``OUTPUT/report.md`` (the table, settings, wall times, plots, sample replies),
    ``results.json``, ``samples.json``, ``diversity.png``, ``style.png``, ``quality.png``, ``loss.png``
@@ -40,6 +46,7 @@ from sfr.checks import check_device, check_int
 
 MODELS = ("SFT", "SFR")
 OBJECTIVE_OF = {"SFT": "sft", "SFR": "sfr"}  # the objective (sfr.model.OBJECTIVES) of each run
+BASE = "base"  # the untrained sfr-tiny both runs start from, scored as a reference
 
 
 @dataclass
@@ -126,10 +133,10 @@ def comparisons(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
     from sfr.eval.dialogue import METRICS
     from sfr.eval.metrics import paired_bootstrap
 
-    sft, sfr = (results["models"][name]["per_prompt"] for name in MODELS)
+    sft, sfr = (results["models"][name] for name in MODELS)
     out = {}
     for key, (_, direction, _) in METRICS.items():
-        pairs = [(a, b) for a, b in zip(sft.get(key, []), sfr.get(key, [])) if a is not None and b is not None]
+        pairs = [(a, b) for a, b in zip(per_unit(sft, key), per_unit(sfr, key)) if a is not None and b is not None]
         if not pairs:
             continue
         stats = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], num_resamples=resamples, seed=seed)
@@ -152,13 +159,40 @@ def comparisons(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
     return out
 
 
+def per_unit(metrics: dict, key: str) -> list:
+    """A model's values of ``key`` per prompt, or per question for the cross-style metrics."""
+    from sfr.eval.dialogue import METRICS
+
+    if METRICS[key][2] == "cross-style":
+        return list((metrics.get("cross_style") or {}).get(key) or [])
+    return list(metrics["per_prompt"].get(key) or [])
+
+
+def model_intervals(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Per model and metric: its mean with a 95 % bootstrap interval over prompts (over questions for the
+    cross-style metrics), :func:`sfr.eval.metrics.bootstrap_interval`; the plots' error bars."""
+    from sfr.eval.dialogue import METRICS
+    from sfr.eval.metrics import bootstrap_interval
+
+    out = {}
+    for name, metrics in results["models"].items():
+        out[name] = {}
+        for key in METRICS:
+            values = [v for v in per_unit(metrics, key) if v is not None] if key != "reference_perplexity" else []
+            if values:
+                out[name][key] = bootstrap_interval(values, resamples, seed=seed)
+    return out
+
+
 def demo_table(results: dict, compare: dict) -> str:
-    """The Markdown table: one row per metric, the two models, SFR - SFT [95 % CI], the corpus target."""
+    """The Markdown table: one row per metric, the two models, SFR - SFT [95 % CI], the corpus target, the base."""
     from sfr.eval.dialogue import ARROWS, METRICS
     from sfr.eval.report import format_value
 
     corpus = results.get("corpus") or {}
-    lines = ["| metric | better | SFT | SFR | SFR − SFT [95% CI] | corpus |", "|---|:---:|---:|---:|---:|---:|"]
+    base = results["models"].get(BASE, {})
+    lines = ["| metric | better | SFT | SFR | SFR − SFT [95% CI] | corpus | base |",
+             "|---|:---:|---:|---:|---:|---:|---:|"]
     for key, (label, direction, _) in METRICS.items():
         values = [results["models"][name].get(key) for name in MODELS]
         if all(v is None for v in values):
@@ -171,7 +205,7 @@ def demo_table(results: dict, compare: dict) -> str:
             if not math.isnan(stats["low"]):
                 delta += f" [{stats['low']:+.3g}, {stats['high']:+.3g}]"
         cells = [format_value(values[0]), format_value(values[1]), delta,
-                 format_value(corpus.get(key)) if key in corpus else ""]
+                 format_value(corpus.get(key)) if key in corpus else "", format_value(base.get(key))]
         lines.append(f"| {label} | {ARROWS[direction] or '–'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -218,11 +252,11 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
         runs[name] = Path(result.output_dir)
         train_metrics[name] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
-    _say(f"sampling {settings.samples} replies per eval prompt from both models and scoring them", quiet)
+    _say(f"sampling {settings.samples} replies per eval prompt from both models and the base, scoring them", quiet)
     t0 = time.perf_counter()
     loaded = []
-    for name in MODELS:
-        model, tokenizer = load_model_and_tokenizer(runs[name], device=device)
+    for name, path in [*((name, runs[name]) for name in MODELS), (BASE, "sfr-tiny")]:
+        model, tokenizer = load_model_and_tokenizer(path, device=device)
         loaded.append((name, model, tokenizer))
     data = default_corpus_path("eval")
     torch_threads = torch.get_num_threads()
@@ -231,6 +265,7 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
                                 seed=settings.seed, heldout_nll=True, backend="transformers", progress=progress)
     timings["eval_s"] = round(time.perf_counter() - t0, 2)
     compare = comparisons(results, settings.bootstrap_resamples, settings.seed)
+    intervals = model_intervals(results, settings.bootstrap_resamples, settings.seed)
 
     diagnose_summary = None
     if settings.diagnose:
@@ -248,7 +283,7 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
     results.update(
         demo={**asdict(settings), "device": device_description(device), "torch_threads": torch_threads,
               "runs": {name: str(path) for name, path in runs.items()}},
-        training=train_metrics, timings=timings, comparison=compare,
+        training=train_metrics, timings=timings, comparison=compare, intervals=intervals,
         diagnose=None if diagnose_summary is None else {
             **{k: diagnose_summary[k] for k in ("anchors", "mean_fork_score", "median_fork_score",
                                                 "mean_endpoint_norm", "source_norm", "score_spread", "score_noise",
@@ -256,16 +291,21 @@ def run_demo(output_dir="sfr-demo", settings: DemoSettings | None = None, *, pro
             "num_draws": diagnose_summary["config"]["num_draws"]})
     table = demo_table(results, compare)
 
-    rows = {name: {k: v for k, v in results["models"][name].items() if k != "per_prompt"} for name in MODELS}
+    rows = {name: {k: v for k, v in results["models"][name].items() if k != "per_prompt"}
+            for name in (*MODELS, BASE)}
+    errors = {name: {key: (s["low"], s["high"]) for key, s in stats.items() if not math.isnan(s["low"])}
+              for name, stats in intervals.items()}
+    note = ("error bars: 95 % bootstrap interval over prompts (cross-style: over questions) of one training run; "
+            "base = the untrained sfr-tiny")
     files = {}
-    for group, title in (("diversity", "Diversity (within a prompt's samples)"),
+    for group, title in (("diversity", "Diversity (within a prompt's samples; cross-style: across personas)"),
                          ("style", "Style fidelity and mode coverage"), ("quality", "Quality proxies")):
-        columns = dialogue_columns(rows, groups=[group])
+        columns = dialogue_columns(rows, groups=[group, "cross-style"] if group == "diversity" else [group])
         plot_rows = dict(rows)
         corpus = results.get("corpus") or {}
         if any(key in corpus for key, _ in columns):  # the corpus' known values as a target bar
             plot_rows["corpus (known)"] = corpus
-        if bar_plots(plot_rows, columns, out / f"{group}.png", f"sfr demo: {title}") is not None:
+        if bar_plots(plot_rows, columns, out / f"{group}.png", f"sfr demo: {title}", errors, note) is not None:
             files[f"{group}.png"] = str(out / f"{group}.png")
     files["loss.png"] = str(plot_losses(histories, out / "loss.png"))
     (out / "samples.json").write_text(json.dumps(results.pop("samples"), indent=1, ensure_ascii=False))

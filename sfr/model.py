@@ -397,6 +397,9 @@ class SFRModel(nn.Module):
             raise ValueError("anchor_targets are required with precomputed targets (prepare the data with `sfr prepare`)")
         else:
             targets = anchor_targets.to(hidden.device)  # float32: sfr_loss accumulates in float32 anyway
+        scale = self.sfr_config.target_multiplier(targets.shape[-1])
+        if scale != 1.0:  # SFRConfig.target_scale: applied here, for precomputed and EMA targets alike
+            targets = targets * scale
         weight = None if anchor_weight is None else anchor_weight.to(device=hidden.device, dtype=torch.float32)
         loss_kwargs = {**self.sfr_config.loss_kwargs(), "reduction": "sum"}  # normalised below, GA-exact
         self.loss_path = path = self.sfr_loss_path(hidden, targets)

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
-from sfr.corpus import corpus_texts, sfr_cache_dir
+from sfr.corpus import build_cached, corpus_texts, sfr_cache_dir
 
 DEFAULT_MODEL = "sfr-tiny"
 MODEL_VERSION = "v1"
@@ -85,21 +83,14 @@ def default_model_path() -> Path:
     path = sfr_cache_dir() / f"tiny-lm-{MODEL_VERSION}"
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(tmp)
         _make_tokenizer_config_portable(tmp / "tokenizer_config.json")
         build_model(vocab_size=len(tokenizer)).save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "model.safetensors").is_file():  # not a concurrent builder's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_cached(path, build)
 
 
 def _make_tokenizer_config_portable(config_path: Path) -> None:

@@ -82,6 +82,9 @@ class SFRArguments:
     time_sampling: str = field(default="uniform", metadata={"choices": TIME_SAMPLINGS, "help": "uniform | logit_normal | zero"})
     time_mean: float = field(default=0.0, metadata={"help": "logit-normal time location"})
     time_std: float = field(default=1.0, metadata={"help": "logit-normal time scale"})
+    target_scale: str = field(default="1.0", metadata={"help": (
+        "multiply the targets by this before the SFR loss: a number > 0, or sqrt_e for sqrt(E) (unit per-dimension "
+        "variance for unit-norm encoder targets; see docs/study.md)")})
     encoder: str | None = field(default=None, metadata={"help": (
         "sentence encoder for the targets when raw data is prepared (default: the one `sfr prepare` uses)")})
     segment_tokens: int = field(default=32, metadata={"help": "K: tokens of an anchor's future segment (preparing raw data)"})
@@ -126,7 +129,7 @@ class SFRArguments:
         return SFRConfig(head_width=width, head_depth=self.head_depth, time_features=self.time_features,
                          num_samples=self.num_samples, source_std=self.source_std,
                          time_sampling=self.time_sampling, time_mean=self.time_mean, time_std=self.time_std,
-                         reduction="sum")
+                         reduction="sum", target_scale=self.target_scale)
 
     def lambda_at(self, step: int) -> float:
         """``lambda`` at optimizer step ``step`` (0-based): :func:`sfr.schedule.sfr_lambda` of these arguments."""

@@ -46,6 +46,8 @@ comparisons between models.
 
   An external judge plugs in as ``judge(prompt_messages, reply) -> float`` (e.g. an LLM judge; ``sfr
   eval dialogue --judge module:function``); its mean is ``judge_score``.
+* **Cross-style** (:mod:`sfr.eval.cross_style`): per question asked under >= 2 system prompts, how
+  alike the styles' replies are (cross-style Self-BLEU and embedding similarity), then averaged.
 """
 from __future__ import annotations
 
@@ -62,14 +64,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sfr import corpus as _corpus  # the embedded corpus' labels (its prompts switch on the corpus-only metrics)
 from sfr.checks import check_int
-from sfr.data import IGNORE_INDEX
+from sfr.data import IGNORE_INDEX, load_records
 from sfr.eval.metrics import distinct_n, embedding_diversity, entropy, mode_statistics, self_bleu
-
-try:  # the embedded corpus' labels; evaluation degrades gracefully without them
-    from sfr import corpus as _corpus
-except ImportError:  # pragma: no cover - sfr.corpus ships with sfr
-    _corpus = None
 
 # metric name -> (label in tables, direction, group). direction: "up" (higher is better), "down"
 # (lower is better), "ref" (closest to the data's known value is best), None (information only).
@@ -89,6 +87,9 @@ METRICS = {
     "reference_nll": ("reference-model NLL/token", "down", "quality"),
     "reference_perplexity": ("reference-model perplexity", "down", "quality"),
     "judge_score": ("judge score", "up", "quality"),
+    # per question over its styles (sfr.eval.cross_style), not per prompt: lower = the styles differ more
+    "cross_style_self_bleu": ("cross-style self-BLEU", "down", "cross-style"),
+    "cross_style_similarity": ("cross-style similarity", "down", "cross-style"),
     "mean_reply_words": ("mean reply words", None, "info"),
 }
 ARROWS = {"up": "↑", "down": "↓", "ref": "→ corpus", None: ""}
@@ -120,7 +121,7 @@ class DialoguePrompt:
     @property
     def is_corpus(self) -> bool:
         """Whether the corpus-only metrics apply: the record names a corpus persona and prompt."""
-        return (_corpus is not None and self.persona in _corpus.PERSONAS and self.prompt_id in _corpus.PROMPTS)
+        return self.persona in _corpus.PERSONAS and self.prompt_id in _corpus.PROMPTS
 
 
 def _split_record(record: dict, where: str) -> tuple[list[dict], str | None, str]:
@@ -147,13 +148,7 @@ def _split_record(record: dict, where: str) -> tuple[list[dict], str | None, str
 
 def _read_records(path: Path) -> list[dict]:
     try:
-        from sfr.data import load_records
-    except ImportError:  # pragma: no cover - sfr.data ships with sfr
-        load_records = None
-    try:
-        if load_records is not None:
-            return load_records(path)
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return load_records(path)
     except (OSError, UnicodeDecodeError, EOFError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"cannot read dialogue data {str(path)!r}: {exc}") from exc
 
@@ -400,7 +395,8 @@ def score_replies(prompts: Sequence[DialoguePrompt], replies: Sequence[Sequence[
         raise ValueError(f"need one reply list per prompt: {len(prompts)} prompts, {len(replies)} reply lists")
     from tqdm.auto import tqdm
 
-    per_prompt = {name: [] for name in METRICS if name != "reference_perplexity"}
+    per_prompt = {name: [] for name, (_, _, group) in METRICS.items()  # cross-style metrics are per question
+                  if name != "reference_perplexity" and group != "cross-style"}
     for prompt, samples in tqdm(list(zip(prompts, replies)), desc="scoring", unit="prompt", disable=not progress):
         samples = list(samples)
         if not samples:
@@ -541,6 +537,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
     JSON-serialisable dict: ``{"models": {name: metrics}, "samples": {name: [{"messages",
     "replies"}]}, "settings": {...}, "corpus": target row or None}``.
     """
+    from sfr.eval.cross_style import score_cross_style
     from sfr.eval.generation import load_model, resolve_backend, sample
 
     if not models:
@@ -578,7 +575,7 @@ def evaluate_dialogue(models: Sequence, data_path, samples: int = 8, max_new_tok
         results[name] = score_replies(prompts, replies, encoder, classifier, system_labels, reference, judge,
                                       model=(model, tokenizer) if heldout_nll else None, batch_size=batch_size,
                                       progress=progress)
-        results[name]["backend"] = chosen
+        results[name].update(score_cross_style(prompts, replies, encoder), backend=chosen)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # the model's outputs
         results[name]["language_warnings"] = language_warnings(
             results[name], references_nll, vocab_size or (len(tokenizer) if tokenizer is not None else None))

@@ -1,4 +1,4 @@
-"""Evaluation metrics: pass@k for code, diversity and mode statistics for dialogue samples.
+"""Evaluation metrics: pass@k for code; diversity, cross-style similarity and mode statistics for dialogue samples.
 
 All functions are pure (no model); inputs are plain Python / NumPy / torch values.
 """
@@ -88,6 +88,74 @@ def self_bleu(texts: Sequence[str]) -> float:
     return float(np.mean(scores))
 
 
+def _check_style_groups(groups) -> list[list[str]]:
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a list of reply lists (one per style), got {type(groups).__name__}")
+    groups = [_check_texts(group) for group in groups]  # every style needs at least one reply
+    if len(groups) < 2:
+        raise ValueError(f"cross-style metrics need replies of at least 2 styles, got {len(groups)}")
+    return groups
+
+
+def cross_style_self_bleu(groups: Sequence[Sequence[str]]) -> float:
+    """Cross-style Self-BLEU of one prompt's replies, on sacrebleu's 0-100 scale.
+
+    ``groups[i]`` holds the replies to the prompt under style ``i``. Every reply ``r`` of ``groups[i]``
+    is scored with ``sacrebleu.sentence_bleu(r, refs)`` (default settings) where ``refs`` are all the
+    replies of every *other* style; the result is the mean over all replies of all styles. 100 = every
+    style gives the same replies ("Cross-Style Collapse"); lower = the styles differ more.
+    ``ValueError`` for fewer than 2 styles or a style without replies.
+    """
+    import sacrebleu
+
+    groups = _check_style_groups(groups)
+    scores = []
+    for i, group in enumerate(groups):
+        refs = [reply for j, other in enumerate(groups) if j != i for reply in other]
+        scores.extend(sacrebleu.sentence_bleu(reply, refs).score for reply in group)
+    return float(np.mean(scores))
+
+
+def _unit_rows(embeddings, name: str, minimum: int = 1) -> np.ndarray:
+    """``embeddings`` [n, E] (NumPy or torch) as float64 rows of norm 1; ``ValueError`` for bad input."""
+    if hasattr(embeddings, "detach"):  # torch tensor
+        embeddings = embeddings.detach().cpu().double().numpy()
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n, E], got shape {x.shape}")
+    if x.shape[0] < minimum:
+        raise ValueError(f"{name} need at least {minimum} row{'s' if minimum > 1 else ''}, got {x.shape[0]}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0) or not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite with no all-zero row")
+    return x / norms
+
+
+def cross_style_similarity(embeddings_by_style) -> float:
+    """Mean cosine between the embeddings of replies of *different* styles to one prompt.
+
+    ``embeddings_by_style[i]`` is ``[n_i, E]`` (NumPy or torch), the sentence embeddings of the
+    replies under style ``i``. Returns ``sum_{i != j} sum_{a in i, b in j} cos(a, b) / sum_{i != j} n_i n_j``
+    (each cross-style pair weighs the same; pairs within a style are left out). 1 = every style
+    replies in the same direction; lower = the styles differ more.
+    ``ValueError`` for fewer than 2 styles, a style without rows, mismatched E or an all-zero row.
+    """
+    if isinstance(embeddings_by_style, np.ndarray) and embeddings_by_style.ndim == 2:
+        raise TypeError("embeddings_by_style must be a list of [n_i, E] arrays, one per style (got one 2-D array)")
+    styles = [_unit_rows(e, f"embeddings_by_style[{i}]") for i, e in enumerate(embeddings_by_style)]
+    if len(styles) < 2:
+        raise ValueError(f"cross-style metrics need replies of at least 2 styles, got {len(styles)}")
+    if len({s.shape[1] for s in styles}) != 1:
+        raise ValueError(f"every style's embeddings must have the same E, got {[s.shape[1] for s in styles]}")
+    # sum over all pairs of the stacked rows minus the pairs within each style: ||sum||^2 - sum_i ||sum_i||^2
+    sums = np.stack([s.sum(axis=0) for s in styles])  # [styles, E]
+    total = sums.sum(axis=0)
+    cross = float(total @ total - np.sum(sums * sums))
+    sizes = np.array([s.shape[0] for s in styles], dtype=np.float64)
+    pairs = float(sizes.sum() ** 2 - np.sum(sizes ** 2))
+    return cross / pairs
+
+
 def embedding_diversity(embeddings) -> float:
     """``1 - mean_{i != j} cos(e_i, e_j)`` over the rows of ``embeddings`` [n, E] (NumPy or torch).
 
@@ -95,18 +163,8 @@ def embedding_diversity(embeddings) -> float:
     and no all-zero row. Never negative: the mean cosine is at most 1, so the value is >= 0 in exact
     arithmetic, and the round-off of identical samples (e.g. ``-2e-16``) is clamped to 0.
     """
-    if hasattr(embeddings, "detach"):  # torch tensor
-        embeddings = embeddings.detach().cpu().double().numpy()
-    x = np.asarray(embeddings, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [n, E], got shape {x.shape}")
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError(f"embeddings need at least 2 rows to measure diversity, got {n}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.any(norms == 0) or not np.all(np.isfinite(x)):
-        raise ValueError("embeddings must be finite with no all-zero row")
-    unit = x / norms
+    unit = _unit_rows(embeddings, "embeddings", minimum=2)
+    n = unit.shape[0]
     cos = unit @ unit.T
     off_diagonal = cos.sum() - np.trace(cos)
     return max(0.0, float(1.0 - off_diagonal / (n * (n - 1))))  # round-off of identical rows, see above
@@ -153,10 +211,34 @@ def mode_statistics(labels: Sequence[str | None], reference: Mapping[str, float]
     }
 
 
+def bootstrap_interval(values: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> dict:
+    """Mean of ``values`` (e.g. one metric per prompt) with a percentile bootstrap confidence interval over
+    the items: ``{"mean", "low", "high", "n"}`` (``low``/``high`` NaN with fewer than 2 items)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    check_int("num_resamples", num_resamples)
+    n = values.size
+    if n == 0:
+        raise ValueError("need at least one value")
+    mean = float(values.mean())
+    if n < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": n}
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, n, size=(num_resamples, n))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {"mean": mean, "low": float(low), "high": float(high), "n": n}
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
                      seed: int = 0) -> dict:
     """Mean difference ``mean(b - a)`` of paired per-item values (e.g. one metric per prompt for two
-    models) with a percentile bootstrap confidence interval over the items.
+    models) with a percentile bootstrap confidence interval over the items (:func:`bootstrap_interval`
+    of the differences).
 
     Returns ``{"diff", "low", "high", "n"}``; ``low``/``high`` are NaN with fewer than 2 items. The
     interval says how much the difference could move if other prompts had been drawn: when it
@@ -165,21 +247,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], num_resamples: int 
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
         raise ValueError(f"a and b must be 1-D and of equal length, got shapes {a_arr.shape} and {b_arr.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    check_int("num_resamples", num_resamples)
-    diff = b_arr - a_arr
-    n = diff.size
-    if n == 0:
+    if a_arr.size == 0:
         raise ValueError("need at least one paired value")
-    mean = float(diff.mean())
-    if n < 2:
-        return {"diff": mean, "low": float("nan"), "high": float("nan"), "n": n}
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, n, size=(num_resamples, n))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return {"diff": mean, "low": float(low), "high": float(high), "n": n}
+    stats = bootstrap_interval(b_arr - a_arr, num_resamples, confidence, seed)
+    return {"diff": stats["mean"], "low": stats["low"], "high": stats["high"], "n": stats["n"]}
 
 
 def mean_or_nan(values) -> float:

@@ -38,8 +38,11 @@ def markdown_table(rows: Mapping[str, Mapping[str, object]], columns: Sequence[t
 
 
 def bar_plots(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[str, str]], path: Path,
-              title: str) -> Path | None:
-    """One bar chart per metric (models side by side) in one PNG; metrics with no value are left out."""
+              title: str, errors: Mapping[str, Mapping[str, tuple]] | None = None, note: str | None = None) -> Path | None:
+    """One bar chart per metric (models side by side) in one PNG; metrics with no value are left out.
+
+    ``errors[row][key] = (low, high)``: an interval drawn as an error bar on that bar (say in ``note``,
+    printed under the plots, which interval it is)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,22 +55,33 @@ def bar_plots(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[
     names = list(rows)
     cols = min(3, len(present))
     nrows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows + (0.4 if note else 0)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label) in zip(axes.flat, present):
         values = [rows[n].get(key) if rows[n].get(key) is not None else float("nan") for n in names]
-        bars = ax.bar(range(len(names)), values, color=[colors[i % len(colors)] for i in range(len(names))])
+        nan = (float("nan"), float("nan"))  # no interval: no error bar
+        bounds = [(errors or {}).get(n, {}).get(key) or nan for n in names]
+        yerr = [[max(v - low, 0.0) if low == low else low for v, (low, _) in zip(values, bounds)],
+                [max(high - v, 0.0) if high == high else high for v, (_, high) in zip(values, bounds)]]
+        bars = ax.bar(range(len(names)), values, color=[colors[i % len(colors)] for i in range(len(names))],
+                      yerr=yerr if errors else None, capsize=3 if errors else 0, ecolor="black")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         finite = [v for v in values if not math.isnan(v)]
-        if finite and min(finite) >= 0:  # room for the labels; a visible axis even when all are 0
-            ax.set_ylim(0, max(max(finite) * 1.15, 1e-3))
+        tops = [max(v, high) if high == high else v for v, (_, high) in zip(values, bounds) if not math.isnan(v)]
+        bottoms = [min(v, low) if low == low else v for v, (low, _) in zip(values, bounds) if not math.isnan(v)]
+        if finite and min(bottoms) >= 0:  # room for the labels; a visible axis even when all are 0
+            ax.set_ylim(0, max(max(tops) * 1.15, 1e-3))
+        else:
+            ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(names)), [Path(n).name or n for n in names], rotation=20, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -155,7 +169,9 @@ def write_dialogue_report(results: dict, out_dir) -> dict[str, str]:
           "sacrebleu's 0-100 scale. " + style
           + "Quality proxies: " + heldout + reference
           + "valid-reply and on-topic rate (embedded corpus only) are exact checks of well-formedness. "
-          "See `sfr.eval.dialogue`.", ""]
+          "Cross-style self-BLEU / similarity: per question asked under ≥ 2 system prompts, how alike the styles' "
+          "replies are (lower = they differ more), averaged over questions; per-question values in `results.json` "
+          "under `cross_style` (n/a when no question has 2 styles). See `sfr.eval.dialogue`.", ""]
     flagged = {name: m["language_warnings"] for name, m in results["models"].items() if m.get("language_warnings")}
     for name, reasons in flagged.items():
         md += [f"**Warning: the replies of `{name}` are probably not language** ({'; '.join(reasons)}). Its "
@@ -278,7 +294,11 @@ def render_demo_report(results: dict, table: str, samples: dict) -> str:
         "computed per prompt and averaged over prompts. SFR − SFT is the mean per-prompt difference with a 95 % "
         "paired bootstrap interval over prompts: an interval that contains 0 means the two models are not "
         "distinguishable on these prompts. The interval covers the choice of prompts and samples, not the training "
-        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread).", "",
+        "seed: both models come from one training run each (rerun with other `--seed` values to see that spread, or "
+        "`sfr study` for intervals across training seeds). Cross-style metrics are computed per question over the "
+        "personas that ask it (2 per question in the eval split) and averaged over questions (their interval is over "
+        "questions). `base` = the untrained `sfr-tiny` both runs start from, sampled and scored the same way. The "
+        "plots' error bars are each model's own 95 % bootstrap interval over prompts.", "",
         "Summary (a model is called better only when the interval excludes 0):", "",
         *verdict_summary(results["comparison"]), "",
         "## What the metrics mean", "",
@@ -295,6 +315,10 @@ def render_demo_report(results: dict, table: str, samples: dict) -> str:
         "not bought with broken text); valid-reply rate = fraction of samples that are exactly one of the "
         "well-formed replies of that persona to that question; on-topic rate = fraction that give exactly one "
         "valid kind of answer.", "",
+        "* **Cross-style**: cross-style self-BLEU = sacrebleu sentence-BLEU of each reply against the replies of the "
+        "other personas to the same question; cross-style similarity = mean cosine between embeddings of replies of "
+        "different personas. Lower = the personas' replies differ more; a model with \"Cross-Style Collapse\" gives "
+        "every persona the same answer (see `sfr study` and docs/study.md).", "",
         "## Plots", "",
         "![diversity](diversity.png)", "", "![style](style.png)", "", "![quality](quality.png)", "",
         "![training curves](loss.png)", "",

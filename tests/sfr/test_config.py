@@ -31,3 +31,13 @@ def test_config_drives_head_and_loss():
 def test_bad_values(kwargs):
     with pytest.raises(ValueError):
         SFRConfig(**kwargs)
+
+
+def test_target_scale_is_a_positive_number_or_sqrt_e():
+    assert SFRConfig().target_scale == 1.0 and SFRConfig().target_multiplier(384) == 1.0
+    assert SFRConfig(target_scale="2.5").target_scale == 2.5  # a number given as text (a CLI flag)
+    assert SFRConfig(target_scale="sqrt_e").target_multiplier(384) == pytest.approx(384 ** 0.5)
+    assert SFRConfig.mtp(target_scale="sqrt_e").target_scale == "sqrt_e"  # the preset keeps it
+    for bad in (0, -1.0, float("inf"), "sqrt", None):
+        with pytest.raises(ValueError, match="target_scale"):
+            SFRConfig(target_scale=bad)

@@ -5,14 +5,17 @@ from collections import Counter
 import pytest
 
 from sfr.corpus import (
+    NEUTRAL_SYSTEM_PROMPT,
     PERSONAS,
     PROMPTS,
+    build_base_corpus,
     build_corpus,
     classify_mode,
     default_corpus_path,
     has_style_marker,
     mode_frequencies,
     split_pairs,
+    strip_style,
     valid_replies,
     write_jsonl,
 )
@@ -141,3 +144,42 @@ def test_valid_replies_hold_every_generated_reply_and_nothing_of_another_persona
     assert {classify_mode("dinner", text) for text in pirate} == set(mode_frequencies("dinner"))
     with pytest.raises(ValueError, match="persona"):
         valid_replies("wizard", "dinner")
+
+
+def test_drawn_allocation_draws_each_mode_from_the_known_frequencies():
+    drawn = build_corpus("train", examples_per_pair=1, allocation="drawn")
+    assert drawn == build_corpus("train", examples_per_pair=1, allocation="drawn")  # deterministic
+    assert [(r["persona"], r["prompt_id"]) for r in drawn] == split_pairs("train")  # one reply per pair
+    top = {q: max(mode_frequencies(q), key=mode_frequencies(q).get) for q in PROMPTS}
+    assert {r["mode"] for r in build_corpus("train", examples_per_pair=1)} == set(top.values())  # proportional
+    assert sum(r["mode"] != top[r["prompt_id"]] for r in drawn) > 10  # drawn: other modes too (~30 of 72)
+    for record in drawn:
+        assert record["messages"][-1]["content"] in valid_replies(record["persona"], record["prompt_id"])
+        assert classify_mode(record["prompt_id"], _reply(record)) == record["mode"]
+    many = Counter(r["mode"] for r in build_corpus("train", examples_per_pair=200, allocation="drawn")
+                   if r["prompt_id"] == "dinner")  # 7 train pairs x 200 draws of 0.6 / 0.3 / 0.1
+    total = sum(many.values())
+    assert total == 1400 and abs(many["pasta"] / total - 0.6) < 0.04 and abs(many["salad"] / total - 0.1) < 0.025
+    with pytest.raises(ValueError, match="allocation"):
+        build_corpus("train", allocation="random")
+
+
+def test_base_corpus_is_unstyled_diverse_and_cycles_the_system_prompts():
+    base = build_base_corpus(20)
+    assert base == build_base_corpus(20) and len(base) == 20 * len(PROMPTS)
+    systems = Counter(r["messages"][0]["content"] for r in base)
+    assert set(systems) == {NEUTRAL_SYSTEM_PROMPT} | {p.system_prompt for p in PERSONAS.values()}
+    for prompt_id in PROMPTS:
+        counts = Counter(r["mode"] for r in base if r["prompt_id"] == prompt_id)
+        assert counts == {m: round(20 * p) for m, p in mode_frequencies(prompt_id).items()}
+    for record in base:
+        reply = _reply(record)
+        assert record["persona"] is None and not any(has_style_marker(name, reply) for name in PERSONAS)
+        assert classify_mode(record["prompt_id"], reply) == record["mode"] and strip_style(reply) == reply
+
+
+def test_strip_style_leaves_the_content_of_every_valid_reply():
+    for persona in PERSONAS:
+        for prompt_id, prompt in PROMPTS.items():
+            contents = {t[0].upper() + t[1:] for spec in prompt.modes.values() for t in spec.templates}
+            assert {strip_style(reply) for reply in valid_replies(persona, prompt_id)} == contents

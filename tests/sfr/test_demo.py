@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sfr import corpus
-from sfr.demo import MODELS, QUICK, demo_settings, run_demo
+from sfr.demo import BASE, MODELS, QUICK, demo_settings, per_unit, run_demo
 from sfr.eval import distinct_n, mode_statistics, self_bleu
 from sfr.eval.dialogue import METRICS, _normalise, corpus_valid_replies, load_dialogue
 
@@ -93,9 +93,11 @@ def test_metrics_match_recomputation_from_the_saved_samples(demo):
             assert per_prompt[key] == pytest.approx(values, abs=1e-12), (name, key)
             assert saved["models"][name][key] == pytest.approx(np.mean(values), abs=1e-12), (name, key)
         for key, value in saved["models"][name].items():  # every metric is in its range
-            if key in ("per_prompt", "backend", "language_warnings") or value is None:
+            if key in ("per_prompt", "cross_style", "backend", "language_warnings") or value is None:
                 continue
-            low, high = {"self_bleu": (0, 100), "embedding_diversity": (0, 2), "mode_entropy": (0, math.log(3) + 1e-9),
+            low, high = {"self_bleu": (0, 100), "cross_style_self_bleu": (0, 100), "cross_style_self_bleu_content": (0, 100),
+                         "pooled_mode_entropy": (0, math.log(3) + 1e-9), "cross_style_similarity": (-1, 1),
+                         "embedding_diversity": (0, 2), "mode_entropy": (0, math.log(3) + 1e-9),
                          "heldout_nll": (0, 20), "mean_reply_words": (0, 1000)}.get(key, (0, 1))
             assert low <= value <= high, (name, key, value)
 
@@ -161,8 +163,9 @@ def test_table_shows_the_saved_numbers_and_the_paired_differences(demo):
     for label, cells in rows.items():
         key = labels[label]
         assert cells[2] == format_value(saved["models"]["SFT"][key]) and cells[3] == format_value(saved["models"]["SFR"][key])
-        pairs = [(a, b) for a, b in zip(saved["models"]["SFT"]["per_prompt"][key],
-                                        saved["models"]["SFR"]["per_prompt"][key]) if a is not None and b is not None]
+        assert cells[6] == format_value(saved["models"][BASE][key])  # the untrained model, scored the same way
+        pairs = [(a, b) for a, b in zip(per_unit(saved["models"]["SFT"], key), per_unit(saved["models"]["SFR"], key))
+                 if a is not None and b is not None]
         diff = np.mean([b - a for a, b in pairs])
         assert saved["comparison"][key]["diff"] == pytest.approx(diff, abs=1e-12)
         shown = re.match(r"([+-][0-9.e+-]+)", cells[4]).group(1)
@@ -272,3 +275,19 @@ def test_verdicts_follow_the_intervals_and_directions():
     table = demo_table(results, compare)
     assert "| distinct-1 | ↑ | 0.555 | 0.655 | +0.1 [+0.1, +0.1] |  |" in table
     assert "| mode entropy (nats) | → corpus | 0.5 | 0.9 | +0.4 [+0.4, +0.4] | 0.95 |" in table
+
+
+def test_plot_intervals_are_each_models_bootstrap_over_prompts(demo):
+    from sfr.eval.metrics import bootstrap_interval
+
+    saved = demo["saved"]
+    assert set(saved["intervals"]) == {*MODELS, BASE}
+    for name, stats in saved["intervals"].items():
+        for key in ("self_bleu", "style_accuracy", "heldout_nll"):
+            values = saved["models"][name]["per_prompt"][key]
+            assert stats[key]["mean"] == pytest.approx(saved["models"][name][key])
+            assert stats[key] == bootstrap_interval(values, QUICK.bootstrap_resamples, seed=QUICK.seed)
+            assert stats[key]["low"] <= stats[key]["mean"] <= stats[key]["high"]
+    base = saved["models"][BASE]
+    assert base["language_warnings"] and base["valid_reply_rate"] == 0.0  # random weights: not language
+    assert "bootstrap interval over prompts" in (demo["out"] / "report.md").read_text()

@@ -308,3 +308,26 @@ def test_zero3_partitioned_lm_head_takes_the_ce_path_that_calls_it(monkeypatch):
     with pytest.warns(UserWarning, match="ZeRO-3"):
         assert model.ce_implementation(torch.device("cpu")) == "torch"
     assert model.sfr_loss_path(torch.zeros(1, 2, D)).backend == "triton"
+
+
+@pytest.mark.parametrize("objective, scale", [("sfr", 3.5), ("mtp", "sqrt_e")])
+def test_target_scale_multiplies_the_targets_before_the_loss_exactly(objective, scale):
+    def model_with(target_scale):
+        model = SFRModel.from_backbone(tiny_backbone(0), E, objective=objective, sfr_config=SFRConfig(
+            head_width=48, num_samples=2, target_scale=target_scale))
+        torch.manual_seed(1)
+        nn.init.normal_(model.head.out.weight, std=0.1)
+        return model
+
+    batch = make_batch()
+    multiplier = E ** 0.5 if scale == "sqrt_e" else scale
+    by_config, by_hand, unscaled = model_with(scale), model_with(1.0), model_with(1.0)
+    outputs = [by_config(**batch, sfr_seed=5),
+               by_hand(**{**batch, "anchor_targets": batch["anchor_targets"] * multiplier}, sfr_seed=5),
+               unscaled(**batch, sfr_seed=5)]
+    for out in outputs:
+        out.loss.backward()
+    assert torch.equal(outputs[0].sfr_loss, outputs[1].sfr_loss)
+    assert not torch.allclose(outputs[0].sfr_loss, outputs[2].sfr_loss)  # the scale does change the loss
+    for (name, a), b in zip(by_config.named_parameters(), by_hand.parameters()):
+        assert torch.equal(a.grad, b.grad), name

@@ -41,6 +41,13 @@ def test_yaml_config_keys_are_argument_names_and_flags_win(tmp_path):
     assert (args.objective, args.max_steps, args.learning_rate, args.lambda_max) == ("mtp", 4, 1e-3, 0.25)
 
 
+def test_target_scale_flag_reaches_the_sfr_config(tmp_path):
+    assert parse(["--target-scale", "sqrt_e"]).target_scale == "sqrt_e"
+    args = build_arguments({"output_dir": str(tmp_path), "target_scale": "sqrt_e"})
+    assert args.sfr_config(128, 384).target_multiplier(384) == pytest.approx(384 ** 0.5)
+    assert build_arguments({"output_dir": str(tmp_path)}).sfr_config(128, 384).target_scale == 1.0
+
+
 def test_unknown_config_key_is_an_error_naming_it(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("max_steps: 3\nlamda_max: 2\n")
@@ -55,6 +62,7 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path, capsys):
     (["--output-dir", "{tmp}", "--resume-from-checkpoint", "latest"], "no checkpoint"),
     (["--output-dir", "{tmp}", "--resume-from-checkpoint", "{tmp}/nowhere"], "not a directory"),
     (["--output-dir", "{tmp}", "--time-sampling", "zero", "--source-std", "-1"], "source_std"),
+    (["--output-dir", "{tmp}", "--target-scale", "sqrt"], "target_scale"),
 ])
 def test_bad_input_fails_before_training(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

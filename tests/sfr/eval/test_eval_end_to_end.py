@@ -163,3 +163,24 @@ def test_cli_on_the_shared_data(tiny, shared_data, tmp_path):
         saved = json.loads((out / "results.json").read_text())
         assert saved["num_problems"] == 1 and saved["problems"][0]["n"] == 2
         assert 0.0 <= saved["pass_at_k"]["pass@1"] <= 1.0
+
+
+def test_evaluate_dialogue_scores_each_question_across_its_styles(tiny, tmp_path):
+    from sfr.eval.cross_style import score_cross_style
+    from sfr.eval.dialogue import load_dialogue, load_encoder
+
+    model, tokenizer = tiny
+    data = tmp_path / "styles.jsonl"
+    question = MESSAGES[0][1]
+    data.write_text("".join(json.dumps({"messages": [{"role": "system", "content": system}, question,
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for system, reply in [("You are a pirate.", "Arr, stew."), ("You are a robot.", "BEEP."),
+                                                  ("You are a poet.", "Stew, come what may.")]))
+    results = evaluate_dialogue([("tiny", model, tokenizer)], data, samples=2, max_new_tokens=6, progress=False)
+    metrics = results["models"]["tiny"]
+    replies = [row["replies"] for row in results["samples"]["tiny"]]
+    expected = score_cross_style(load_dialogue(data), replies, load_encoder(None))
+    assert metrics["cross_style"] == expected["cross_style"] and metrics["cross_style"]["styles"] == [3]
+    assert metrics["cross_style_self_bleu"] == expected["cross_style_self_bleu"] is not None
+    assert metrics["cross_style_similarity"] == pytest.approx(expected["cross_style_similarity"])
+    assert "cross_style_similarity" not in metrics["per_prompt"]  # per question, not per prompt

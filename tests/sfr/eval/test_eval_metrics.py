@@ -134,3 +134,79 @@ def test_paired_bootstrap_interval():
     assert single["diff"] == 1.0 and math.isnan(single["low"])
     with pytest.raises(ValueError, match="equal length"):
         paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_cross_style_self_bleu_equals_sacrebleu_against_the_other_styles():
+    import sacrebleu
+
+    from sfr.eval import cross_style_self_bleu
+
+    words = "the a cat dog sat ran on under mat rug big small red old".split()
+    rng = random.Random(3)
+    groups = [[" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) for _ in range(n)] for n in (3, 1, 2)]
+    expected = []
+    for i, group in enumerate(groups):
+        refs = [r for j, other in enumerate(groups) if j != i for r in other]
+        expected += [sacrebleu.sentence_bleu(r, refs).score for r in group]
+    assert len(expected) == 6
+    assert cross_style_self_bleu(groups) == pytest.approx(float(np.mean(expected)), abs=1e-12)
+
+
+def test_cross_style_self_bleu_ignores_replies_of_the_same_style():
+    from sfr.eval import cross_style_self_bleu
+
+    same = "the quick brown fox jumps over the lazy dog"
+    # Within style 0 the replies are identical; across styles they share nothing: near 0, not 100.
+    assert cross_style_self_bleu([[same, same], ["red green blue yellow purple"]]) < 1.0
+    # Every style says the same: collapsed, 100.
+    assert cross_style_self_bleu([[same], [same, same], [same]]) == pytest.approx(100.0)
+    # Shared content, different style words: in between.
+    styles = [["Arr, " + same], ["BEEP. " + same + " END OF LINE."]]
+    assert 1.0 < cross_style_self_bleu(styles) < 100.0
+
+
+@pytest.mark.parametrize("groups, error", [([["only one style", "two replies"]], ValueError),
+                                           ([["a reply"], []], ValueError), ([], ValueError),
+                                           ("not a list", TypeError), ([["a reply"], [3]], TypeError)])
+def test_cross_style_self_bleu_rejects_bad_input(groups, error):
+    from sfr.eval import cross_style_self_bleu
+
+    with pytest.raises(error):
+        cross_style_self_bleu(groups)
+
+
+def test_cross_style_similarity_exact_values():
+    from sfr.eval import cross_style_similarity
+
+    # Identical within a style, orthogonal across: the within-style cosines (1) must not count.
+    assert cross_style_similarity([np.array([[1.0, 0.0], [3.0, 0.0]]), np.array([[0.0, 2.0]])]) == pytest.approx(0.0)
+    # cos(e1, e1 + e2) = 1/sqrt(2), cos(e2, e1 + e2) = 1/sqrt(2), cos(e1, -e1) = -1: pairs (e1|e1+e2),
+    # (e1|-e1), (e2|e1+e2), (e2|-e1), (e1+e2|-e1) across the three styles [e1, e2], [e1+e2], [-e1]
+    styles = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 0.0]])]
+    s = 1 / math.sqrt(2)
+    assert cross_style_similarity(styles) == pytest.approx((s - 1 + s + 0 - s) / 5)
+
+
+def test_cross_style_similarity_matches_brute_force_on_random_embeddings():
+    from sfr.eval import cross_style_similarity
+
+    rng = np.random.default_rng(11)
+    styles = [rng.normal(size=(n, 7)) * rng.uniform(0.5, 3.0) for n in (4, 1, 3, 2)]
+    unit = [s / np.linalg.norm(s, axis=1, keepdims=True) for s in styles]
+    cosines = [a @ b for i, x in enumerate(unit) for j, y in enumerate(unit) if i != j for a in x for b in y]
+    assert cross_style_similarity(styles) == pytest.approx(float(np.mean(cosines)), rel=1e-12, abs=1e-12)
+
+
+def test_cross_style_similarity_rejects_bad_input():
+    from sfr.eval import cross_style_similarity
+
+    with pytest.raises(ValueError, match="at least 2 styles"):
+        cross_style_similarity([np.ones((3, 4))])
+    with pytest.raises(ValueError, match="same E"):
+        cross_style_similarity([np.ones((2, 4)), np.ones((2, 5))])
+    with pytest.raises(ValueError, match="all-zero"):
+        cross_style_similarity([np.ones((2, 4)), np.zeros((1, 4))])
+    with pytest.raises(ValueError, match="at least 1 row,"):
+        cross_style_similarity([np.ones((2, 4)), np.ones((0, 4))])
+    with pytest.raises(TypeError, match="one per style"):
+        cross_style_similarity(np.ones((3, 4)))

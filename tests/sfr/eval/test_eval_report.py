@@ -3,6 +3,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from sfr.eval.report import (
     bar_plots,
@@ -38,6 +39,25 @@ def test_bar_plots_write_a_png_of_the_metrics_that_have_values(tmp_path):
     assert path == tmp_path / "bars.png" and path.read_bytes()[:8] == PNG and path.stat().st_size > 2000
     assert bar_plots(rows, [("b", "B")], tmp_path / "none.png", "title") is None  # no value at all: no plot
     assert not (tmp_path / "none.png").exists()
+
+
+def test_bar_plots_draw_the_given_intervals_as_error_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn, bar = [], matplotlib.axes.Axes.bar
+
+    def recording_bar(self, x, height, *args, **kwargs):
+        drawn.append((list(height), kwargs.get("yerr")))
+        return bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    rows = {"sft": {"a": 0.5}, "sfr": {"a": 0.6}, "corpus": {"a": 0.9}}
+    errors = {"sft": {"a": (0.25, 0.75)}, "sfr": {"a": (0.5, 0.65)}}  # the corpus has no interval
+    assert bar_plots(rows, [("a", "A")], tmp_path / "e.png", "t", errors, "error bars: a note").is_file()
+    heights, yerr = drawn[0]
+    assert heights == [0.5, 0.6, 0.9]
+    assert yerr[0][:2] == pytest.approx([0.25, 0.1]) and yerr[1][:2] == pytest.approx([0.25, 0.05])
+    assert math.isnan(yerr[0][2]) and math.isnan(yerr[1][2])  # no interval, no error bar
 
 
 def test_write_outputs_writes_json_text_and_plots_and_leaves_no_staging(tmp_path):
