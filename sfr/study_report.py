@@ -122,6 +122,15 @@ def compute_table(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_seconds(runs) -> str:
+    """The runs' own recorded time (what the study costs from scratch), and how many this invocation reused."""
+    trained = {(run["cell"], run["seed"]): run["timings"]["train_s"] for run in runs}
+    total = sum(trained.values()) + sum(run["timings"]["eval_s"] for run in runs)
+    reused = len({(run["cell"], run["seed"]) for run in runs if run.get("reused")})
+    note = f"; {reused} of the {len(trained)} runs were reused from an earlier invocation" if reused else ""
+    return f"The fine-tunes and evaluations took {total / 60:.1f} process-minutes as recorded by each run{note}."
+
+
 def _plots(results: dict, out: Path) -> dict[str, str]:
     from sfr.eval.report import bar_plots
 
@@ -187,7 +196,8 @@ def render_report(results: dict) -> str:
         compute_table(results["runs"]),
         f"Compute ({settings['device']}, {settings['jobs']} process(es), 1 torch thread each): base stage "
         f"{timings['base_s']:.0f} s (0 when cached), reference rows {timings['references_s']:.0f} s, fine-tunes and "
-        f"evaluations {timings['runs_s']:.0f} s, total {timings['total_s']:.0f} s wall.", ""]
+        f"evaluations {timings['runs_s']:.0f} s, total {timings['total_s']:.0f} s wall. {_run_seconds(results['runs'])}",
+        ""]
     return "\n".join(md)
 
 

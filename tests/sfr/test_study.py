@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from sfr.cli import main as cli_main
-from sfr.study import QUICK, STUDY_METRICS, run_cell, run_study, study_settings
+from sfr.study import CALIBRATION_CELLS, FULL, QUICK, STUDY_METRICS, run_cell, run_study, study_settings
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -29,6 +29,7 @@ def test_writes_results_report_and_plots(study):
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "smoke test" in report and "95 % t interval" in report and "](vs_sft.png)" in report
+    assert "process-minutes as recorded by each run." in report  # nothing reused in a fresh study
     runs = saved["runs"]
     assert {(r["objective"], r["seed"]) for r in runs} == {(o, s) for o in ("sft", "sfr", "mtp") for s in QUICK.seeds}
     for run in runs:
@@ -86,6 +87,7 @@ def test_a_finished_run_is_reused_not_retrained(study, monkeypatch):
     cell = settings.cells[1]
     out = study["out"] / "runs" / f"{cell.name}-s0"
     rows = run_cell(settings, cell, 0, "unused-base", "unused-data", out)
+    assert all(row.pop("reused") is True for row in rows)  # marked, so the report counts it apart
     assert rows == [r for r in study["saved"]["runs"] if r["cell"] == cell.name and r["seed"] == 0]
 
 
@@ -104,5 +106,24 @@ def test_settings_and_command_line_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["study", "--help"])
     help_text = capsys.readouterr().out
-    for flag in ("--output-dir", "--quick", "--seeds", "--jobs", "--quiet"):
+    for flag in ("--output-dir", "--quick", "--seeds", "--grid", "--jobs", "--quiet"):
         assert flag in help_text
+
+
+def test_calibration_grid_changes_one_setting_per_cell_against_the_default_objective():
+    from sfr.training_args import SFRTrainingArguments
+
+    settings = study_settings(grid="calibration", seeds=(0, 1, 2))
+    assert settings.cells == CALIBRATION_CELLS and settings.seeds == (0, 1, 2) and settings.steps == FULL.steps
+    assert settings.cells[0] == FULL.cells[0]  # the same SFT cell as the objectives study, so its runs are shared
+    names = [cell.name for cell in settings.cells]
+    assert len(set(names)) == len(names)
+    for cell in settings.cells[1:]:
+        assert cell.objective == "sfr" and cell.overrides
+        # every override is a real SFRTrainingArguments field that the run's arguments take as given
+        args = SFRTrainingArguments.for_embedded_default(output_dir="unused", max_steps=FULL.steps, **cell.overrides)
+        for key, value in cell.overrides.items():
+            assert getattr(args, key) == (str(value) if key == "target_scale" else value), (cell.name, key)
+    assert study_settings(quick=True, grid="objectives").cells == QUICK.cells  # --quick keeps its three cells
+    with pytest.raises(ValueError, match="grid must be one of"):
+        study_settings(grid="everything")
