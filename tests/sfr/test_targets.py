@@ -566,7 +566,8 @@ def test_cli_help_explains_every_flag():
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in flags} == {"data", "out", "model", "encoder", "segment_tokens", "anchor_stride",
                                        "min_segment_tokens", "max_length", "segment_mode", "batch_size", "device",
-                                       "split", "overwrite", "no_progress", "num_proc"}
+                                       "split", "overwrite", "no_progress", "num_proc", "stream", "chunk_records",
+                                       "encode_devices"}
     for action in flags:
         assert action.help and len(action.help) > 15 and action.option_strings[0] in text, action.dest
     assert "anchor" in parser.description and "cache hit" in parser.description
