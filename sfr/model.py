@@ -358,7 +358,7 @@ class SFRModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, anchor_index=None, anchor_targets=None,
                 anchor_segment_end=None, anchor_weight=None, *, sfr_lambda: float = 1.0, sfr_seed=0,
                 num_items_in_batch=None, num_anchors_in_batch=None, sfr_noise=None, sfr_time=None,
-                **model_kwargs) -> SFRModelOutput:
+                sfr_anchor_offset=0, **model_kwargs) -> SFRModelOutput:
         """CE + SFR on one micro-batch (see the module docstring for the formulas).
 
         Args:
@@ -370,6 +370,9 @@ class SFRModel(nn.Module):
             anchor_weight: optional ``[N]`` non-negative anchor weights ``w_a``.
             sfr_lambda: ``lambda``, the scale of the SFR gradient into the backbone (0 in phase A).
             sfr_seed: int or 0-dim int64 tensor, the Philox seed of this micro-batch's draws.
+            sfr_anchor_offset: int or 0-dim int64 tensor, the anchors of this micro-batch on the ranks
+                before this one: the ranks of a data-parallel step then draw exactly what one process
+                draws for the whole batch (``sfr_loss``'s ``anchor_offset``; :class:`sfr.trainer.SFRTrainer`).
             num_items_in_batch: the token count the summed CE is divided by (default: this micro-batch's).
             num_anchors_in_batch: the anchor count (or weight sum) the summed SFR loss is divided by.
             sfr_noise, sfr_time: explicit ``x0 [N, M, E]`` / ``s [N, M]`` (tests, diagnostics).
@@ -407,6 +410,7 @@ class SFRModel(nn.Module):
             self._warn_once(f"SFR: the PyTorch reference computes the loss instead of the fused kernels: "
                             f"{path.fallback_reason}")
         sfr_total = sfr_loss(hidden, targets, self.head, anchor_index=anchor_index, seed=sfr_seed,
+                             anchor_offset=sfr_anchor_offset,
                              noise=sfr_noise, time=sfr_time, weight=weight, grad_scale=float(sfr_lambda),
                              backend=path.backend, **loss_kwargs)
         num_anchors = anchor_index.shape[0]

@@ -6,7 +6,9 @@
   anchor count (or anchor-weight sum) of the whole accumulated, all-device batch, so ``k``
   accumulated micro-batches give the gradients of one batch ``k`` times larger;
 * the lambda schedule and the per-micro-batch Philox seeds, both pure functions of
-  ``(seed, global_step, micro_step, rank)`` (:mod:`sfr.schedule`), hence resume-safe;
+  ``(seed, global_step, micro_step)`` (:mod:`sfr.schedule`), hence resume-safe; each rank passes the
+  anchors of the ranks before it as the loss's ``anchor_offset``, so N processes draw exactly what one
+  process draws for the same global batch;
 * gradient clipping of the backbone and the head separately, so that in phase A the backbone's
   update is exactly SFT's;
 * ``ce_loss``, ``sfr_loss`` and ``sfr_lambda`` in the logs (averaged over ranks and logging steps);
@@ -105,6 +107,7 @@ class SFRTrainer(Trainer):
         self.add_callback(self.run_record)
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
+        self._anchor_offsets = None  # per micro-batch of this step, on ranks > 0 of a multi-process run
         self._micro_step = 0
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
@@ -124,6 +127,10 @@ class SFRTrainer(Trainer):
         gradients over ranks, so a rank's summed loss divided by ``count / world`` gives exactly the
         gradient of the all-device mean. (This replaces the Trainer's own token count, which depends on
         ``average_tokens_across_devices``; here the division is always by the all-device count.)
+
+        The same collective gives every micro-batch's anchor offset: the number of its anchors on the
+        ranks before this one, so that N ranks draw exactly the source and time draws of one process
+        over the same global batch (``sfr_loss``'s ``anchor_offset``; :meth:`compute_loss`).
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         self._micro_step = 0
@@ -131,16 +138,22 @@ class SFRTrainer(Trainer):
         if not batch_samples:
             self._num_anchors_in_batch = None
             return batch_samples, None
-        counts = torch.zeros(2, dtype=torch.float32, device=self.args.device)  # [tokens, anchors]
-        for batch in batch_samples:
+        # [tokens, anchors (or weight sum), anchors of micro-batch 0, 1, ...]; float32 counts are exact to 2**24
+        counts = torch.zeros(2 + len(batch_samples), dtype=torch.float32, device=self.args.device)
+        for k, batch in enumerate(batch_samples):
             counts[0] += batch["labels"][..., 1:].ne(IGNORE_INDEX).sum().to(counts.device)
+            anchors = batch["anchor_index"].shape[0] if batch.get("anchor_index") is not None else 0
+            counts[2 + k] = anchors
             if batch.get("anchor_weight") is not None:
                 counts[1] += batch["anchor_weight"].sum().to(device=counts.device, dtype=torch.float32)
-            elif batch.get("anchor_index") is not None:
-                counts[1] += batch["anchor_index"].shape[0]
-        world = self.accelerator.num_processes
+            else:
+                counts[1] += anchors
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        self._anchor_offsets = None
         if world > 1:
-            counts = self.accelerator.gather(counts.reshape(1, 2)).sum(0)  # one collective for both counts
+            per_rank = self.accelerator.gather(counts.reshape(1, -1))  # [world, 2 + K]: one collective for all
+            self._anchor_offsets = per_rank[:rank, 2:].sum(0).to(torch.int64)  # anchors on the ranks before
+            counts = per_rank.sum(0)
         counts = counts / world
         self._num_anchors_in_batch = counts[1]
         return batch_samples, counts[0]
@@ -173,19 +186,27 @@ class SFRTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One micro-batch's ``L_CE + L_SFR`` at ``lambda = lambda_at(global_step)``.
 
-        The Philox seed is ``step_seed(seed, global_step, micro_step, rank)`` (:mod:`sfr.schedule`), a
-        0-dim int64 tensor made on the device. In training the losses are divided by the counts of the
-        accumulated, all-device batch (:meth:`get_batch_samples`); in evaluation by this batch's.
+        The Philox seed is ``step_seed(seed, global_step, micro_step)`` (:mod:`sfr.schedule`), a 0-dim
+        int64 tensor made on the device, the same on every rank: in training each rank passes its anchor
+        offset (:meth:`get_batch_samples`), so N ranks draw what one process draws for the same global
+        batch. (Evaluation batches have no offsets: there the seed also hashes the rank.) In training the
+        losses are divided by the counts of the accumulated, all-device batch; in evaluation by this batch's.
         """
         step = int(self.state.global_step)
         lam = self.args.lambda_at(step)
         training = model.training
         micro = self._micro_step if training else 0
-        seed = device_seed(self.args.seed, step, micro, self.args.process_index, device=self.args.device)
-        counts = {}
+        offsets = self._anchor_offsets if training else None
+        if offsets is not None and micro >= offsets.shape[0]:
+            offsets = None  # a micro-batch the step's counts did not see: fall back to a per-rank stream
+        rank = 0 if offsets is not None else self.args.process_index
+        seed = device_seed(self.args.seed, step, micro, rank, device=self.args.device)
+        extra = {}
         if training and num_items_in_batch is not None:
-            counts = dict(num_items_in_batch=num_items_in_batch, num_anchors_in_batch=self._num_anchors_in_batch)
-        outputs = model(**inputs, sfr_lambda=lam, sfr_seed=seed, **counts)
+            extra = dict(num_items_in_batch=num_items_in_batch, num_anchors_in_batch=self._num_anchors_in_batch)
+        if offsets is not None:
+            extra["sfr_anchor_offset"] = offsets[micro]
+        outputs = model(**inputs, sfr_lambda=lam, sfr_seed=seed, **extra)
         if training:
             self._micro_step += 1
             self._last_lambda = lam

@@ -51,7 +51,7 @@ def _variants(dtype: str, quick: bool):
 
     modes = [("uniform", False), ("logit_normal", False), ("explicit", True), ("zero", False)]
     for time_sampling, explicit in modes[:1] if quick else modes:
-        sig = {"seed_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": w, "freq_ptr": w,
+        sig = {"key_ptr": "*i64", "noise_ptr": "*fp32", "time_ptr": "*fp32", "target_ptr": w, "freq_ptr": w,
                "x_ptr": w, "R": i32, "M": i32, "E": i32, "F": i32, "stride_target": i32, "stride_x": i32,
                "source_std": f32, "time_mean": f32, "time_std": f32}
         const = {"TIME_MODE": TIME_MODES[time_sampling], "EXPLICIT_NOISE": explicit}
@@ -72,7 +72,7 @@ def _variants(dtype: str, quick: bool):
                {"STORE_ACTIVATION": store_activation, "ANCHOR_SAMPLES": samples, "DOT_PRECISION": precision},
                configs.layer_backward)
     for explicit, weighted in ((False, False),) if quick else ((False, False), (False, True), (True, False)):
-        sig = {"a_ptr": w, "w_ptr": w, "bias_ptr": w, "seed_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": w,
+        sig = {"a_ptr": w, "w_ptr": w, "bias_ptr": w, "key_ptr": "*i64", "noise_ptr": "*fp32", "target_ptr": w,
                "weight_ptr": "*fp32", "grad_v_ptr": w, "row_sq_ptr": "*fp32", "R": i32, "E": i32, "K": i32, "M": i32,
                "stride_a": i32, "stride_target": i32, "source_std": f32}
         const = {"EXPLICIT_NOISE": explicit, "HAS_WEIGHT": weighted, "WRITE_GRAD": True, "DOT_PRECISION": precision}

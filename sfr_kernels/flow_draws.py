@@ -1,11 +1,12 @@
 """The flow-matching draws and the head's input, generated once: ``X = [x_s | e_s]``.
 
 For the (anchor, sample) rows ``r = a*M + m``, exactly what the reference draws (docs/design.md,
-"Random draws (Philox layout)"; ``sfr_kernels.reference``)::
+"Random draws (Philox layout)"; ``sfr_kernels.reference``), with ``g = r0 + r`` the row's place in the
+draw layout (``r0 = anchor_offset * M``; 0 unless the caller's anchors continue another call's)::
 
-    x0[r, j] = source_std * randn(seed, r*E + j)          (or the explicit noise, loaded)
-    s[r]     = rand(seed + 1, r)                          uniform       (TIME_MODE 1)
-             = sigmoid(time_mean + time_std * randn(seed + 1, r))  logit_normal (TIME_MODE 2)
+    x0[r, j] = source_std * randn(seed, g*E + j)          (or the explicit noise, loaded)
+    s[r]     = rand(seed + 1, g)                          uniform       (TIME_MODE 1)
+             = sigmoid(time_mean + time_std * randn(seed + 1, g))  logit_normal (TIME_MODE 2)
              = 0                                          zero          (TIME_MODE 3)
              = time[r]                                    explicit time (TIME_MODE 0)
     x_s      = (1 - s) * x0 + s * y[a]                    conditional OT path
@@ -43,39 +44,46 @@ def anchor_of(rows, M):
 
 
 @triton.jit
-def flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE: tl.constexpr):
-    """Flow time ``s`` of each row, float32 [BLOCK_R]; the time stream uses key ``seed + 1``."""
+def draw_key(key_ptr):
+    """``(seed, first_row)`` from the int64 [2] draw key on the device (no host sync, CUDA-graph safe)."""
+    return tl.load(key_ptr), tl.load(key_ptr + 1)
+
+
+@triton.jit
+def flow_time(seed, first_row, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE: tl.constexpr):
+    """Flow time ``s`` of each row, float32 [BLOCK_R]; the time stream uses key ``seed + 1``, at the
+    rows' places ``first_row + r`` in the draw layout (explicit time is indexed by ``r``)."""
     if TIME_MODE == _EXPLICIT:
         s = tl.load(time_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     elif TIME_MODE == _UNIFORM:
-        s = tl.rand(seed + 1, rows)
+        s = tl.rand(seed + 1, first_row + rows)
     elif TIME_MODE == _LOGIT_NORMAL:
-        s = tl.sigmoid(time_mean + time_std * tl.randn(seed + 1, rows))
+        s = tl.sigmoid(time_mean + time_std * tl.randn(seed + 1, first_row + rows))
     else:
         s = tl.zeros(rows.shape, dtype=tl.float32)
     return s
 
 
 @triton.jit
-def flow_source(seed, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE: tl.constexpr):
+def flow_source(seed, first_row, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE: tl.constexpr):
     """Source ``x0`` of a [BLOCK_R, BLOCK_C] tile (rows ``r``, embedding dims ``j``), float32.
 
     Masked-out elements are 0 with explicit noise and finite Philox draws otherwise; callers mask
     whatever they accumulate.
     """
-    offsets = rows[:, None] * E + cols[None, :]  # int64: (a*M + m)*E + j
     if EXPLICIT_NOISE:
-        x0 = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x0 = tl.load(noise_ptr + rows[:, None] * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
+        offsets = (first_row + rows)[:, None] * E + cols[None, :]  # int64: ((o + a)*M + m)*E + j
         x0 = source_std * tl.randn(seed, offsets)
     return x0
 
 
 @triton.jit
-def flow_point(seed, noise_ptr, target_ptr, stride_target, s, rows, anchors, cols, mask, E, source_std,
+def flow_point(seed, first_row, noise_ptr, target_ptr, stride_target, s, rows, anchors, cols, mask, E, source_std,
                EXPLICIT_NOISE: tl.constexpr):
     """``x_s = (1 - s) x0 + s y`` for a [BLOCK_R, BLOCK_C] tile, float32, 0 where masked out."""
-    x0 = flow_source(seed, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE)
+    x0 = flow_source(seed, first_row, noise_ptr, rows, cols, mask, E, source_std, EXPLICIT_NOISE)
     y = tl.load(target_ptr + anchors[:, None] * stride_target + cols[None, :], mask=mask, other=0.0)
     s2 = s[:, None]
     x_s = (1 - s2) * x0 + s2 * y.to(tl.float32)
@@ -113,24 +121,24 @@ def time_features(s_feat, freq_ptr, cols, row_mask, F):
 
 @triton.jit
 def flow_inputs_kernel(
-    seed_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, x_ptr,
+    key_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, x_ptr,
     R, M, E, F, stride_target, stride_x, source_std, time_mean, time_std,
     TIME_MODE: tl.constexpr, EXPLICIT_NOISE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """``X[r, :E] = x_s[r]``, ``X[r, E:E+F] = e_s[r]`` for BLOCK_R rows; grid ``(cdiv(R, BLOCK_R),)``."""
-    seed = tl.load(seed_ptr)  # device seed: no host sync, CUDA-graph safe
+    seed, first_row = draw_key(key_ptr)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     anchors = anchor_of(rows, M)
     x_dtype = x_ptr.dtype.element_ty
 
-    s = flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)
+    s = flow_time(seed, first_row, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)
     for e0 in range(0, E, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         mask = row_mask[:, None] & (cols < E)[None, :]
-        x_s = flow_point(seed, noise_ptr, target_ptr, stride_target, s, rows, anchors, cols, mask, E, source_std,
-                         EXPLICIT_NOISE)
+        x_s = flow_point(seed, first_row, noise_ptr, target_ptr, stride_target, s, rows, anchors, cols, mask, E,
+                         source_std, EXPLICIT_NOISE)
         tl.store(x_ptr + rows[:, None] * stride_x + cols[None, :], x_s.to(x_dtype), mask=mask)
 
     s_feat = time_for_features(s, x_dtype, freq_ptr)
@@ -144,10 +152,11 @@ def flow_inputs_kernel(
                  mask=row_mask[:, None] & (cols < F)[None, :])
 
 
-def draw_flow_inputs(seed, noise, time, target, time_frequencies, num_samples, source_std, time_mode,
+def draw_flow_inputs(key, noise, time, target, time_frequencies, num_samples, source_std, time_mode,
                      time_mean, time_std, dtype, config) -> torch.Tensor:
     """Launch :func:`flow_inputs_kernel`: ``X = [x_s | e_s]``, ``[N*M, E + F]`` in ``dtype``.
 
+    ``key`` the int64 [2] draw key ``(seed, anchor_offset * M)`` on the device (``fused_loss.draw_key``),
     ``target`` [N, E] (rows may be strided), ``noise`` [N, M, E] or None, ``time`` [N, M] or None,
     ``time_frequencies`` [F/2]; ``time_mode`` a value of ``reference.TIME_MODES``.
     """
@@ -157,7 +166,7 @@ def draw_flow_inputs(seed, noise, time, target, time_frequencies, num_samples, s
     x = torch.empty((rows, embed + features), dtype=dtype, device=target.device)
     if rows:
         flow_inputs_kernel[(triton.cdiv(rows, config["BLOCK_R"]),)](
-            seed, noise, time, target, time_frequencies, x, rows, num_samples, embed, features, target.stride(0),
+            key, noise, time, target, time_frequencies, x, rows, num_samples, embed, features, target.stride(0),
             x.stride(0), float(source_std), float(time_mean), float(time_std),
             TIME_MODE=time_mode, EXPLICIT_NOISE=noise is not None, **config)
     return x

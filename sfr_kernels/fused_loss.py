@@ -82,7 +82,7 @@ def _gradient_norm(n: int, m: int, embed: int, weight, reduction: str, device) -
     return 1.0 / (torch.where(total > 0, total, torch.ones_like(total)) * float(m * embed))
 
 
-def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond_weight, cond_bias, in_x_weight,
+def _fused_forward(hidden, target, anchor_index, draw_key, noise, time, weight, cond_weight, cond_bias, in_x_weight,
                    in_t_weight, time_frequencies, hidden_weights, hidden_biases, out_weight, out_bias, num_samples,
                    source_std, time_sampling, time_mean, time_std, reduction, need_hidden_grad, need_weight_grads):
     """``[loss, norm, dc, d_input, d_cond_bias, d_out_weight, d_out_bias, *d_hidden_weights, *d_hidden_biases]``.
@@ -109,7 +109,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
         return torch.empty((0,), dtype=torch.float32, device=device)
 
     with device_guard(device):
-        x = draw_flow_inputs(seed, noise, time, target, time_frequencies, m, source_std, time_mode, time_mean,
+        x = draw_flow_inputs(draw_key, noise, time, target, time_frequencies, m, source_std, time_mode, time_mean,
                              time_std, dtype, configs.inputs)
         cond = torch.addmm(cond_bias, h, cond_weight.t())  # c once per anchor, shared by its M rows
         zs = new_buffer((depth, rows, width), dtype, device)
@@ -117,7 +117,7 @@ def _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond
         del cond
         for k, (w, b) in enumerate(zip(hidden_weights, hidden_biases)):
             act = linear_silu(act, w, b, zs[k + 1], m, precision, configs.layer)
-        row_sq, grad_v = output_loss(act, out_weight, out_bias, seed, noise, target, weight, m, source_std,
+        row_sq, grad_v = output_loss(act, out_weight, out_bias, draw_key, noise, target, weight, m, source_std,
                                      need_chain, precision, configs.output)
         loss = reduce_anchor_losses(row_sq.view(n, m).sum(dim=1) / float(m * embed), weight, reduction)
         norm = _gradient_norm(n, m, embed, weight, reduction, device)
@@ -192,12 +192,12 @@ def _fused_backward(grad_loss, hidden, anchor_index, cond_weight, saved, embed, 
 
 # Part of the ops' names: a compiled graph that calls these ops is cached by Inductor (FX graph cache)
 # under a key that does not see the ops' implementation, so a new layout of the outputs needs new names.
-OP_VERSION = 2
+OP_VERSION = 3  # bumped when the op's signature or meaning changes (Inductor caches by name)
 
 
 @torch.library.custom_op(f"sfr_kernels::fused_sfr_loss_v{OP_VERSION}", mutates_args=())
 def fused_sfr_loss_op(
-    hidden: torch.Tensor, target: torch.Tensor, anchor_index: torch.Tensor | None, seed: torch.Tensor,
+    hidden: torch.Tensor, target: torch.Tensor, anchor_index: torch.Tensor | None, draw_key: torch.Tensor,
     noise: torch.Tensor | None, time: torch.Tensor | None, weight: torch.Tensor | None,
     cond_weight: torch.Tensor, cond_bias: torch.Tensor, in_x_weight: torch.Tensor, in_t_weight: torch.Tensor,
     time_frequencies: torch.Tensor, hidden_weights: List[torch.Tensor], hidden_biases: List[torch.Tensor],
@@ -207,14 +207,14 @@ def fused_sfr_loss_op(
 ) -> List[torch.Tensor]:
     """Fused forward: ``[loss, *saved]`` (see :func:`_fused_forward`); only ``loss`` is differentiable."""
     with no_autocast(hidden.device):
-        return _fused_forward(hidden, target, anchor_index, seed, noise, time, weight, cond_weight, cond_bias,
+        return _fused_forward(hidden, target, anchor_index, draw_key, noise, time, weight, cond_weight, cond_bias,
                               in_x_weight, in_t_weight, time_frequencies, hidden_weights, hidden_biases, out_weight,
                               out_bias, num_samples, source_std, time_sampling, time_mean, time_std, reduction,
                               need_hidden_grad, need_weight_grads)
 
 
 @fused_sfr_loss_op.register_fake
-def _fused_sfr_loss_fake(hidden, target, anchor_index, seed, noise, time, weight, cond_weight, cond_bias,
+def _fused_sfr_loss_fake(hidden, target, anchor_index, draw_key, noise, time, weight, cond_weight, cond_bias,
                          in_x_weight, in_t_weight, time_frequencies, hidden_weights, hidden_biases, out_weight,
                          out_bias, num_samples, source_std, time_sampling, time_mean, time_std, reduction,
                          grad_scale, need_hidden_grad, need_weight_grads):
@@ -261,7 +261,7 @@ def _fused_sfr_loss_backward_fake(grad_loss, hidden, anchor_index, cond_weight, 
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, target, anchor_index, seed, noise, time, weight, cond_weight, cond_bias, in_x_weight, in_t_weight,
+    (hidden, target, anchor_index, draw_key, noise, time, weight, cond_weight, cond_bias, in_x_weight, in_t_weight,
      time_frequencies, hidden_weights, hidden_biases, out_weight, out_bias, num_samples, source_std,
      time_sampling, time_mean, time_std, reduction, grad_scale, need_hidden_grad, need_weight_grads) = inputs
     saved = output[1:]
@@ -296,22 +296,25 @@ fused_sfr_loss_op.register_autograd(_backward, setup_context=_setup_context)
 # Entry point
 
 
-def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
-    """The seed as a 0-dim int64 tensor on ``device`` that the kernels read in place.
+def draw_key(seed, anchor_offset, num_samples: int, device: torch.device) -> torch.Tensor:
+    """The int64 [2] tensor ``(seed, anchor_offset * M)`` on ``device`` that the kernels read in place:
+    the Philox seed and the draw-layout row of this call's first (anchor, sample) row.
 
-    A device tensor is used as is (a CUDA graph replays with whatever value it holds then). An int
-    becomes a device tensor through a fill kernel (no host-to-device copy, hence no sync).
+    Device tensors are combined on the device (a CUDA graph replays with whatever values they hold
+    then); ints are written by fill kernels, never a host-to-device copy, hence no sync.
     """
-    if isinstance(seed, torch.Tensor):
-        if seed.device == device:
-            return seed
-        return torch.full((), int(seed), dtype=torch.int64, device=device)  # CPU scalar: no device sync
-    return torch.full((), int(seed), dtype=torch.int64, device=device)
+    key = torch.zeros(2, dtype=torch.int64, device=device)
+    for slot, value, scale in ((0, seed, 1), (1, anchor_offset, num_samples)):
+        if isinstance(value, torch.Tensor):
+            key[slot] = value.to(device) * scale
+        elif value:
+            key[slot] = int(value) * scale
+    return key
 
 
 def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,
                     time_sampling="uniform", seed=0, noise=None, time=None, weight=None, grad_scale=1.0,
-                    reduction="mean", time_mean=0.0, time_std=1.0):
+                    reduction="mean", time_mean=0.0, time_std=1.0, anchor_offset=0):
     """:func:`sfr_kernels.sfr_loss` with the fused kernels (arguments already validated).
 
     Falls back to the reference, with a one-time warning, for heads the kernels do not implement
@@ -323,7 +326,8 @@ def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, s
     """
     kwargs = dict(anchor_index=anchor_index, num_samples=num_samples, source_std=source_std,
                   time_sampling=time_sampling, seed=seed, noise=noise, time=time, weight=weight,
-                  grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std)
+                  grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std,
+                  anchor_offset=anchor_offset)
     reason = fused_path_reason(target, head, noise=noise, time=time, weight=weight)
     if reason is not None:
         warn_fallback_once(reason)
@@ -333,16 +337,17 @@ def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, s
     options = (int(num_samples), float(source_std), str(time_sampling), float(time_mean), float(time_std),
                str(reduction), float(grad_scale))
 
-    def loss(hidden, target, anchor_index, seed, noise, time, weight):
-        return _fused_call(inner, hidden, target, anchor_index, seed, noise, time, weight, *options)
+    def loss(hidden, target, anchor_index, key, noise, time, weight):
+        return _fused_call(inner, hidden, target, anchor_index, key, noise, time, weight, *options)
 
-    inputs = (hidden, target, anchor_index, _seed_tensor(seed, hidden.device), noise, time, weight)
+    key = draw_key(seed, anchor_offset, int(num_samples), hidden.device)
+    inputs = (hidden, target, anchor_index, key, noise, time, weight)
     if runs_in_call(head):
         return call_inside(head, loss, *inputs)
     return loss(*inputs)
 
 
-def _fused_call(head, hidden, target, anchor_index, seed, noise, time, weight, num_samples, source_std,
+def _fused_call(head, hidden, target, anchor_index, key, noise, time, weight, num_samples, source_std,
                 time_sampling, time_mean, time_std, reduction, grad_scale):
     """The fused op on ``head``'s weights as they are now (whole: inside the head's call when sharded)."""
     grad_enabled = torch.is_grad_enabled()
@@ -354,7 +359,7 @@ def _fused_call(head, hidden, target, anchor_index, seed, noise, time, weight, n
     depth_1 = len(head.hidden_layers)
     cond_w, cond_b, in_x_w, in_t_w, out_w, out_b, *hidden_params = weights_for_autocast(weights, hidden.device)
     loss, *_ = fused_sfr_loss_op(
-        hidden, target, anchor_index, seed, noise, time, weight,
+        hidden, target, anchor_index, key, noise, time, weight,
         cond_w, cond_b, in_x_w, in_t_w, head.time_frequencies,
         hidden_params[:depth_1], hidden_params[depth_1:], out_w, out_b,
         num_samples, source_std, time_sampling, time_mean, time_std, reduction, grad_scale,

@@ -52,7 +52,7 @@ def loss_path(hidden, target, head, *, backend="auto", noise=None, time=None, we
 
 def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,
              time_sampling="uniform", seed=0, noise=None, time=None, weight=None, grad_scale=1.0,
-             reduction="mean", backend="auto", time_mean=0.0, time_std=1.0):
+             reduction="mean", backend="auto", time_mean=0.0, time_std=1.0, anchor_offset=0):
     """Semantic Flow Regularization loss (conditional flow matching of future embeddings).
 
     ``l_a = 1/(M E) sum_m ||head(x_s, s, h_a) - (y_a - x0)||^2`` with ``x_s = (1-s) x0 + s y_a``,
@@ -68,6 +68,10 @@ def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_s
         source_std: ``sigma`` of the Gaussian source (0: deterministic source).
         time_sampling: ``"uniform"`` | ``"logit_normal"`` (``sigmoid(time_mean + time_std z)``) | ``"zero"``.
         seed: int or 0-dim int64 tensor; draws follow docs/design.md, "Random draws (Philox layout)".
+        anchor_offset: int or 0-dim int64 tensor ``o >= 0`` (default 0): anchor ``a`` of this call draws
+            what anchor ``o + a`` of the layout draws. Data-parallel ranks that pass the number of anchors
+            on the ranks before them (and the same seed) draw exactly what one process draws for the
+            whole batch.
         noise, time: explicit ``x0 [N, M, E]`` (used as is) and ``s [N, M]``, overriding the draws.
         weight: non-negative per-anchor weights ``[N]``.
         grad_scale: ``lambda``: the gradient into ``hidden`` is multiplied by it; 0 = none at all.
@@ -80,10 +84,11 @@ def sfr_loss(hidden, target, head, *, anchor_index=None, num_samples=1, source_s
     check_sfr_inputs(hidden, target, head, anchor_index=anchor_index, num_samples=num_samples,
                      source_std=source_std, time_sampling=time_sampling, seed=seed, noise=noise,
                      time=time, weight=weight, grad_scale=grad_scale, reduction=reduction,
-                     backend=backend, time_mean=time_mean, time_std=time_std)
+                     backend=backend, time_mean=time_mean, time_std=time_std, anchor_offset=anchor_offset)
     kwargs = dict(anchor_index=anchor_index, num_samples=num_samples, source_std=source_std,
                   time_sampling=time_sampling, seed=seed, noise=noise, time=time, weight=weight,
-                  grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std)
+                  grad_scale=grad_scale, reduction=reduction, time_mean=time_mean, time_std=time_std,
+                  anchor_offset=anchor_offset)
     if backend == "auto":
         backend = "triton" if hidden.device.type == "cuda" else "torch"
     if backend == "torch":

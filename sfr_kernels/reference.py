@@ -3,15 +3,17 @@
 For anchors ``a = 0..N-1`` with hidden state ``h_a`` [D] and target ``y_a`` [E], and samples
 ``m = 0..M-1``::
 
-    x0[a,m]  = source_std * randn(seed, (a*M + m)*E + j)        j = 0..E-1   (or explicit noise)
-    s[a,m]   ~ p(s) from stream seed + 1 at offset a*M + m        (or explicit time)
+    x0[a,m]  = source_std * randn(seed, ((o+a)*M + m)*E + j)    j = 0..E-1   (or explicit noise)
+    s[a,m]   ~ p(s) from stream seed + 1 at offset (o+a)*M + m    (or explicit time)
     x_s      = (1 - s) * x0 + s * y_a                             conditional OT path
     u        = y_a - x0                                           target velocity
     l_a      = 1/(M*E) * sum_m || v(x_s, s, h_a) - u ||^2
     mean:  L = sum_a w_a l_a / sum_a w_a   (0 when sum_a w_a == 0, e.g. no anchors)
     sum:   L = sum_a w_a l_a
 
-The backbone receives ``grad_scale * dL/dh`` (``grad_scale = 0``: ``hidden`` is detached, so no
+``o = anchor_offset`` (default 0) places this call's anchors after ``o`` anchors of the draw layout:
+the ranks of a data-parallel step, each passing the anchors of the ranks before it, draw exactly what
+one process draws for the whole batch. The backbone receives ``grad_scale * dL/dh`` (``grad_scale = 0``: ``hidden`` is detached, so no
 gradient work is done for it); the head always receives its full gradient.
 """
 from __future__ import annotations
@@ -52,27 +54,31 @@ def timestep_features(s: torch.Tensor, frequencies: torch.Tensor) -> torch.Tenso
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def sample_offsets(num_anchors: int, num_samples: int, device) -> torch.Tensor:
-    """Row offsets ``a*M + m`` of the (anchor, sample) grid: int64 [N, M]."""
-    return torch.arange(num_anchors * num_samples, dtype=torch.int64, device=device).view(
-        num_anchors, num_samples
-    )
+def sample_offsets(num_anchors: int, num_samples: int, device, anchor_offset=0) -> torch.Tensor:
+    """Row offsets ``(o + a)*M + m`` of the (anchor, sample) grid in the draw layout: int64 [N, M].
+
+    ``anchor_offset`` ``o``: an int or a 0-dim int64 tensor (used on ``device``, no host sync)."""
+    rows = torch.arange(num_anchors * num_samples, dtype=torch.int64, device=device).view(num_anchors, num_samples)
+    if isinstance(anchor_offset, torch.Tensor):
+        return rows + anchor_offset.to(device) * num_samples
+    return rows + anchor_offset * num_samples if anchor_offset else rows
 
 
-def draw_source(seed, num_anchors: int, num_samples: int, embed_dim: int, source_std: float, device):
-    """``x0[a,m,j] = source_std * randn(seed, (a*M + m)*E + j)``: float32 [N, M, E]."""
-    rows = sample_offsets(num_anchors, num_samples, device)
+def draw_source(seed, num_anchors: int, num_samples: int, embed_dim: int, source_std: float, device,
+                anchor_offset=0):
+    """``x0[a,m,j] = source_std * randn(seed, ((o + a)*M + m)*E + j)``: float32 [N, M, E]."""
+    rows = sample_offsets(num_anchors, num_samples, device, anchor_offset)
     offsets = rows.unsqueeze(-1) * embed_dim + torch.arange(embed_dim, dtype=torch.int64, device=device)
     return source_std * philox.randn(seed, offsets)
 
 
 def draw_time(seed, num_anchors: int, num_samples: int, time_sampling: str, device,
-              time_mean: float = 0.0, time_std: float = 1.0) -> torch.Tensor:
-    """Flow time ``s[a,m]`` from the stream ``seed + 1`` at offset ``a*M + m``: float32 [N, M].
+              time_mean: float = 0.0, time_std: float = 1.0, anchor_offset=0) -> torch.Tensor:
+    """Flow time ``s[a,m]`` from the stream ``seed + 1`` at offset ``(o + a)*M + m``: float32 [N, M].
 
     uniform: ``rand``; logit_normal: ``sigmoid(time_mean + time_std * randn)``; zero: 0.
     """
-    rows = sample_offsets(num_anchors, num_samples, device)
+    rows = sample_offsets(num_anchors, num_samples, device, anchor_offset)
     if time_sampling == "uniform":
         return philox.rand(seed + 1, rows)
     if time_sampling == "logit_normal":
@@ -133,7 +139,7 @@ def reduce_anchor_losses(per_anchor: torch.Tensor, weight: torch.Tensor | None, 
 
 def sfr_loss_reference(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,
                        time_sampling="uniform", seed=0, noise=None, time=None, weight=None,
-                       grad_scale=1.0, reduction="mean", time_mean=0.0, time_std=1.0):
+                       grad_scale=1.0, reduction="mean", time_mean=0.0, time_std=1.0, anchor_offset=0):
     """The SFR loss in plain PyTorch; arguments as :func:`sfr_kernels.sfr_loss` (already validated).
 
     The head runs in its parameters' dtype (bf16 hidden states with an fp32 head are upcast); the
@@ -149,8 +155,9 @@ def sfr_loss_reference(hidden, target, head, *, anchor_index=None, num_samples=1
     h = route_gradient(h, grad_scale).to(compute_dtype)
     n, m, e = h.shape[0], num_samples, target.shape[-1]
 
-    x0 = noise if noise is not None else draw_source(seed, n, m, e, source_std, h.device)
-    s = time if time is not None else draw_time(seed, n, m, time_sampling, h.device, time_mean, time_std)
+    x0 = noise if noise is not None else draw_source(seed, n, m, e, source_std, h.device, anchor_offset)
+    s = time if time is not None else draw_time(seed, n, m, time_sampling, h.device, time_mean, time_std,
+                                                anchor_offset)
     y = target.to(loss_dtype)
     x_s, u = flow_path(x0.to(loss_dtype), y, s.to(loss_dtype))
 

@@ -17,6 +17,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
 MAX_SEED = 2**63 - 2  # the time stream uses seed + 1, which must still fit in int64
+MAX_ANCHOR_OFFSET = 2**40
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _require_number(name: str, value, *, minimum: float | None = None, integer: 
 
 def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_std, time_sampling,
                      seed, noise, time, weight, grad_scale, reduction, backend, time_mean,
-                     time_std) -> LossShape:
+                     time_std, anchor_offset=0) -> LossShape:
     """Raise ``TypeError``/``ValueError`` naming the offending argument; return the problem size."""
     hidden = _require_tensor("hidden", hidden)
     target = _require_tensor("target", target)
@@ -145,6 +146,15 @@ def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_
         _require_number("seed", seed, minimum=0, integer=True)
         if seed > MAX_SEED:
             raise ValueError(f"seed must be <= 2**63 - 2, got {seed}")
+    if isinstance(anchor_offset, torch.Tensor):
+        if anchor_offset.dim() != 0 or anchor_offset.dtype != torch.int64:
+            raise TypeError(f"anchor_offset tensor must be a 0-dim int64 tensor, got {_describe(anchor_offset)}")
+        if anchor_offset.device != device and anchor_offset.device.type != "cpu":
+            raise ValueError(f"anchor_offset tensor must be on {device} (or the CPU), got {anchor_offset.device}")
+    else:
+        _require_number("anchor_offset", anchor_offset, minimum=0, integer=True)
+        if anchor_offset > MAX_ANCHOR_OFFSET:  # keeps ((o + a)*M + m)*E + j far inside int64
+            raise ValueError(f"anchor_offset must be <= 2**40, got {anchor_offset}")
 
     m = num_samples
     if noise is not None:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "distributed"
 
-# The command of issue 13, with the deterministic MTP objective: SFR's source and time draws come from a
-# stream per rank (sfr.schedule.step_seed), so 2 processes draw other noise than 1 for the same examples;
-# MTP has no draws and runs the same fused kernels. Plain SGD and a constant rate make weights mirror
-# gradients; a narrow head (the interpreter is slow); 2 steps (the embedded default's phases scaled: lambda = 1 from step 0, so the SFR gradient
-# reaches the backbone through the sharded head at both steps).
-FLAGS = ["--use-cpu", "--loss-backend", "triton", "--objective", "mtp", "--max-steps", "2", "--seed", "7",
+# The command of issue 13 (default SFR objective: its source and time draws are the same as one process's,
+# because every rank passes the anchors of the ranks before it as the loss's anchor_offset). Plain SGD and a
+# constant rate make weights mirror gradients; a narrow head (the interpreter is slow); 2 steps with the
+# embedded default's phases scaled: lambda = 1 from step 0, so the SFR gradient reaches the backbone through
+# the sharded head at both steps.
+FLAGS = ["--use-cpu", "--loss-backend", "triton", "--max-steps", "2", "--seed", "7",
          "--lr-scheduler-type", "constant", "--logging-steps", "1", "--save-strategy", "no", "--optim", "sgd",
          "--learning-rate", "0.1", "--head-width", "64", "--disable-tqdm", "true"]
 
@@ -59,7 +59,7 @@ def test_sharded_sfr_train_on_cpu_matches_one_process(tmp_path, one_process, con
     record = json.loads((out / "sfr_run.json").read_text())
     assert record["sfr_loss_backend"] == "triton" and record["fallback_reason"] is None
     assert (record["distributed"], record["fsdp_version"], record["world_size"]) == ("fsdp", version, 2)
-    assert record["observed"] and record["sfr_config"]["num_samples"] == 1 and record["objective"] == "mtp"
+    assert record["observed"] and record["objective"] == "sfr" and record["sfr_config"]["source_std"] == 1.0
     assert f"sfr_loss: triton (fused kernels) | distributed: fsdp (FSDP{version}), world_size 2" in done.stderr
     single, sharded = _weights(one_process), _weights(out)
     assert json.loads((one_process / "sfr_run.json").read_text())["distributed"] == "none"

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from sfr_kernels import philox, timestep_features, timestep_frequencies
 from sfr_kernels.flow_draws import draw_flow_inputs, flow_point, flow_source, flow_time, time_features
+from sfr_kernels.fused_loss import draw_key
 from sfr_kernels.reference import TIME_MODES, draw_source, draw_time, flow_path
 from sfr_kernels.scatter_rows import scatter_anchor_rows
 
@@ -23,20 +24,18 @@ pytestmark = pytest.mark.skipif(
 
 
 @triton.jit
-def _draws_kernel(seed_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, row_base, num_rows, M, E, F,
+def _draws_kernel(seed_ptr, noise_ptr, time_ptr, target_ptr, freq_ptr, first_row, num_rows, M, E, F,
                   source_std, time_mean, time_std, x0_ptr, xs_ptr, s_ptr, feat_ptr,
                   TIME_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
     seed = tl.load(seed_ptr)
-    local = tl.arange(0, BLOCK_R).to(tl.int64)
-    rows = row_base + local  # global (anchor, sample) row indices, int64
+    local = tl.arange(0, BLOCK_R).to(tl.int64)  # this call's rows; their draws are those of first_row + local
     row_mask = local < num_rows
     cols = tl.arange(0, BLOCK_E).to(tl.int64)
     mask = row_mask[:, None] & (cols < E)[None, :]
-    s = flow_time(seed, time_ptr, rows, row_mask, time_mean, time_std, TIME_MODE)
-    x0 = flow_source(seed, noise_ptr, rows, cols, mask, E, source_std, False)
-    # target rows are indexed relative to the block (the test passes only these anchors' targets)
-    anchors = rows // M - row_base // M
-    x_s = flow_point(seed, noise_ptr, target_ptr, E, s, rows, anchors, cols, mask, E, source_std, False)
+    s = flow_time(seed, first_row, time_ptr, local, row_mask, time_mean, time_std, TIME_MODE)
+    x0 = flow_source(seed, first_row, noise_ptr, local, cols, mask, E, source_std, False)
+    anchors = local // M
+    x_s = flow_point(seed, first_row, noise_ptr, target_ptr, E, s, local, anchors, cols, mask, E, source_std, False)
     fcols = tl.arange(0, BLOCK_F).to(tl.int64)
     feats = time_features(s, freq_ptr, fcols, row_mask, F)
     out = local[:, None] * E + cols[None, :]
@@ -78,19 +77,22 @@ def test_draws_match_the_rng_layout_at_int64_offsets(time_sampling, row_base):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("explicit_time", [False, True])
-def test_flow_inputs_are_the_head_input_of_the_reference(dtype, explicit_time):
+@pytest.mark.parametrize("anchor_offset", [0, 11])
+def test_flow_inputs_are_the_head_input_of_the_reference(dtype, explicit_time, anchor_offset):
     """X = [x_s | e_s] of every row, rounded to the head's dtype where the reference rounds it: x_s from
     float32, the features of s rounded to the head's dtype (odd E and F: masked tails). Uniform time
-    (bit-exact in the Philox port) or an explicit time."""
+    (bit-exact in the Philox port) or an explicit time; the draws of anchors ``anchor_offset + a``."""
     n, m, e, f = 7, 3, 37, 10
     seed, std = torch.tensor(5), 0.9
     target = torch.randn(n, e)
     freq = timestep_frequencies(f).to(dtype)
-    s = torch.rand(n, m) if explicit_time else draw_time(seed, n, m, "uniform", "cpu")
+    s = torch.rand(n, m) if explicit_time else draw_time(seed, n, m, "uniform", "cpu", anchor_offset=anchor_offset)
     mode = TIME_MODES["explicit" if explicit_time else "uniform"]
-    x = draw_flow_inputs(seed, None, s if explicit_time else None, target, freq, m, std, mode, 0.0, 1.0, dtype,
+    key = draw_key(seed, anchor_offset, m, torch.device("cpu"))
+    assert key.tolist() == [5, anchor_offset * m]
+    x = draw_flow_inputs(key, None, s if explicit_time else None, target, freq, m, std, mode, 0.0, 1.0, dtype,
                          dict(BLOCK_R=16, BLOCK_E=16, BLOCK_F=16))
-    x0 = draw_source(seed, n, m, e, std, "cpu")
+    x0 = draw_source(seed, n, m, e, std, "cpu", anchor_offset)
     x_s, _ = flow_path(x0, target, s)
     assert x.shape == (n * m, e + f) and x.dtype == dtype
     torch.testing.assert_close(x[:, :e], x_s.reshape(n * m, e).to(dtype), rtol=0, atol=2e-6)

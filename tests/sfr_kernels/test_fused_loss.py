@@ -141,6 +141,32 @@ def test_tensor_seed_matches_int_seed_and_large_seeds():
     assert not torch.equal(other, loss_int)  # the seed is actually used
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
+def test_anchor_offset_continues_the_draw_layout_of_a_larger_call(backend, time_sampling):
+    """Two calls over the halves of a batch, the second with ``anchor_offset`` = the first's anchor count
+    (an int or a device tensor, as data-parallel ranks pass it), draw what one call over the whole batch
+    draws: summed losses and gradients equal the whole call's."""
+    n, split, m, d, e = 13, 5, 3, 20, 24
+    head = make_head(d, e, width=24, time_features=8)
+    hidden, target = torch.randn(n, d), torch.randn(n, e)
+    options = dict(num_samples=m, seed=9, time_sampling=time_sampling, reduction="sum", grad_scale=0.6)
+    whole_loss, whole = run(backend, hidden, target, head, **options)
+    first_loss, first = run(backend, hidden[:split], target[:split], head, **options)
+    for offset in (split, torch.tensor(split)):
+        second_loss, second = run(backend, hidden[split:], target[split:], head, anchor_offset=offset, **options)
+        torch.testing.assert_close(first_loss + second_loss, whole_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat([first["hidden"], second["hidden"]]), whole["hidden"], **GRAD_TOL)
+        for name, grad in whole.items():
+            if name != "hidden":
+                torch.testing.assert_close(first[name] + second[name], grad, **GRAD_TOL)
+    unshifted_loss, _ = run(backend, hidden[split:], target[split:], head, **options)
+    assert not torch.allclose(unshifted_loss, second_loss)  # without the offset the draws differ
+    if backend == "triton" and time_sampling == "uniform":  # the kernels draw what the reference draws (uniform
+        # time is bit-exact in the Philox port; the logit-normal time's randn is within 1e-6, amplified here)
+        assert_matches_reference(hidden[split:], target[split:], head, anchor_offset=split, **options)
+
+
 def test_bit_deterministic():
     n, m, d, e = 37, 3, 40, 30
     head = make_head(d, e, width=32, time_features=16)
@@ -388,7 +414,7 @@ def test_torch_compile_matches_eager(compile_backend):
 
 def _op_args(head, hidden, target, anchor_index=None, m=2, grad_scale=1.0):
     layers = list(head.hidden_layers)
-    return (hidden, target, anchor_index, torch.tensor(3), None, None, None,
+    return (hidden, target, anchor_index, torch.tensor([3, 0]), None, None, None,
             head.cond.weight, head.cond.bias, head.in_x.weight, head.in_t.weight, head.time_frequencies,
             [w.weight for w in layers], [w.bias for w in layers], head.out.weight, head.out.bias,
             m, 1.0, "uniform", 0.0, 1.0, "mean", grad_scale, True, True)
