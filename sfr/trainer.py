@@ -107,7 +107,7 @@ class SFRTrainer(Trainer):
         self.add_callback(self.run_record)
         self.model_accepts_loss_kwargs = True
         self._num_anchors_in_batch = None
-        self._anchor_offsets = None  # per micro-batch of this step, on ranks > 0 of a multi-process run
+        self._anchor_offsets = None  # per micro-batch of this step, in a multi-process run
         self._micro_step = 0
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
@@ -138,8 +138,10 @@ class SFRTrainer(Trainer):
         if not batch_samples:
             self._num_anchors_in_batch = None
             return batch_samples, None
-        # [tokens, anchors (or weight sum), anchors of micro-batch 0, 1, ...]; float32 counts are exact to 2**24
-        counts = torch.zeros(2 + len(batch_samples), dtype=torch.float32, device=self.args.device)
+        # [tokens, anchors (or weight sum), anchors of micro-batch 0, 1, ...]; float32 counts are exact to 2**24.
+        # One slot per possible micro-batch, so every rank gathers the same shape even if its step is short.
+        slots = max(len(batch_samples), self.args.gradient_accumulation_steps)
+        counts = torch.zeros(2 + slots, dtype=torch.float32, device=self.args.device)
         for k, batch in enumerate(batch_samples):
             counts[0] += batch["labels"][..., 1:].ne(IGNORE_INDEX).sum().to(counts.device)
             anchors = batch["anchor_index"].shape[0] if batch.get("anchor_index") is not None else 0
@@ -151,7 +153,7 @@ class SFRTrainer(Trainer):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self._anchor_offsets = None
         if world > 1:
-            per_rank = self.accelerator.gather(counts.reshape(1, -1))  # [world, 2 + K]: one collective for all
+            per_rank = self.accelerator.gather(counts.reshape(1, -1))  # [world, 2 + slots]: one collective
             self._anchor_offsets = per_rank[:rank, 2:].sum(0).to(torch.int64)  # anchors on the ranks before
             counts = per_rank.sum(0)
         counts = counts / world
