@@ -80,6 +80,12 @@ def _one_line_warnings(prefix: str):
     return show
 
 
+def _drop_deepspeed_cpu_notice(record) -> bool:
+    """A filter for DeepSpeed's logger: False for the line it logs when it finds no accelerator. With
+    DeepSpeed installed, importing the Trainer stack prints it on every CPU run, --quiet or not."""
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:  # argparse would print the top-level usage; the command's own is the helpful one
         _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "quiet", False):  # before anything imports DeepSpeed: its logger keeps the filter
+        import logging
+
+        logging.getLogger("DeepSpeed").addFilter(_drop_deepspeed_cpu_notice)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         with warnings.catch_warnings():  # restores warnings.showwarning afterwards

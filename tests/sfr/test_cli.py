@@ -1,4 +1,5 @@
 import importlib
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,31 @@ def test_every_warning_is_one_line_of_its_own_in_one_format(capsys, monkeypatch)
     assert "sfr prepare: warning: sandbox: no bubblewrap; rlimits only" in lines
     assert "sfr prepare: warning: this option goes away [FutureWarning]" in lines
     assert "sandbox.py" not in err and "module.py" not in err and "sfr prepare: sfr prepare" not in err
+
+
+def test_quiet_drops_deepspeeds_no_accelerator_notice_and_nothing_else(tmp_path):
+    """With DeepSpeed installed, importing the Trainer stack on a CPU logs "Setting accelerator to CPU";
+    ``--quiet`` filters that one line (installed before DeepSpeed creates its logger) and no other."""
+    import logging
+
+    import pytest
+
+    from sfr.cli import _drop_deepspeed_cpu_notice
+
+    def record(message):
+        return logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _drop_deepspeed_cpu_notice(record("Setting accelerator to CPU. If you have GPU or other ..."))
+    assert _drop_deepspeed_cpu_notice(record("ZeRO-3: partitioning 12 parameters"))
+    pytest.importorskip("deepspeed")
+    script = ("import logging, sys\n"
+              "from sfr.cli import main\n"
+              "main(['study', '--quiet', '--seeds', '0', '--output-dir', sys.argv[1]])\n"  # exits 2 before work
+              "from deepspeed.accelerator import get_accelerator\n"
+              "print('accelerator', get_accelerator()._name)\n"
+              "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    out = done.stdout + done.stderr
+    assert "accelerator cpu" in out and "another DeepSpeed warning" in out, out
+    assert "Setting accelerator to CPU" not in out, out
