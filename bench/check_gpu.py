@@ -27,7 +27,7 @@ Checks, each printed as a table row and written to the markdown summary:
 2. **determinism** -- two runs with the same seed give bit-identical loss and gradients; **no host
    sync** -- forward+backward under ``torch.cuda.set_sync_debug_mode("error")``.
 3. **cuda graph** -- forward+backward captured once, replayed with the device seed advanced inside
-   the graph; every replay is compared with the eager reference for that seed.
+   the graph (with a device ``anchor_offset``); every replay is compared with the eager reference.
 4. **torch.compile** -- a small model calling ``sfr_loss`` compiled with inductor (fullgraph),
    against eager.
 5. **large offsets** -- N*M*E > 2**31: a slice of the last anchors (weights zero elsewhere, "sum")
@@ -292,6 +292,11 @@ def check_no_host_sync(torch, rows: list[Row]) -> None:
             seed=torch.tensor(5, device=DEVICE), weight=torch.rand(n, device=DEVICE), grad_scale=0.5),
         "int seed, no index, no weights, mean": dict(num_samples=m, seed=5, grad_scale=0.5),
         "int seed, sum": dict(num_samples=m, seed=5, reduction="sum", grad_scale=0.5),
+        "int seed, int anchor_offset": dict(num_samples=m, seed=5, anchor_offset=3, grad_scale=0.5),
+        "device seed, device anchor_offset": dict(num_samples=m, seed=torch.tensor(5, device=DEVICE),
+                                                  anchor_offset=torch.tensor(3, device=DEVICE), grad_scale=0.5),
+        "CPU-tensor seed and anchor_offset": dict(num_samples=m, seed=torch.tensor(5), anchor_offset=torch.tensor(3),
+                                                  grad_scale=0.5),
     }
     for case, kwargs in cases.items():
         h = hidden[:n] if "anchor_index" not in kwargs else hidden
@@ -316,12 +321,13 @@ def check_cuda_graph(torch, rows: list[Row], replays: int = 4) -> None:
     hidden = torch.randn(2 * n, d, device=DEVICE, requires_grad=True)
     target = torch.randn(n, e, device=DEVICE)
     anchor_index = torch.randint(0, 2 * n, (n,), device=DEVICE)
-    base_seed = 100
+    base_seed, offset = 100, 7
     seed = torch.full((), base_seed, dtype=torch.int64, device=DEVICE)
+    anchor_offset = torch.full((), offset, dtype=torch.int64, device=DEVICE)  # as SFRTrainer passes it
 
     def step():
         loss = sfr_loss(hidden, target, head, anchor_index=anchor_index, num_samples=m, seed=seed,
-                        grad_scale=0.5, backend="triton")
+                        anchor_offset=anchor_offset, grad_scale=0.5, backend="triton")
         loss.backward()
         seed.add_(1)  # the seed advances inside the graph: each replay draws fresh noise
         return loss
@@ -352,13 +358,14 @@ def check_cuda_graph(torch, rows: list[Row], replays: int = 4) -> None:
         got_loss = static_loss.detach().clone()
         got = {"hidden": hidden.grad.clone(), **{k: p.grad.clone() for k, p in params.items()}}
         ref_loss, ref = loss_and_grads(torch, "torch", hidden, target, ref_head, anchor_index=anchor_index,
-                                       num_samples=m, seed=base_seed + i, grad_scale=0.5)
+                                       num_samples=m, seed=base_seed + i, anchor_offset=offset, grad_scale=0.5)
         for ours, want in [(got_loss, ref_loss), *[(got[k], ref[k]) for k in ref]]:
             err, limit = _max_err(ours, want), 1e-4 * _max_abs(want) + 1e-6
             worst = max(worst, err / limit)
             ok &= err <= limit
     seed_advanced = int(seed) == base_seed + replays
-    rows.append(Row("cuda graph", f"{replays} replays, seed advanced in-graph", "worst err/limit vs eager ref",
+    rows.append(Row("cuda graph", f"{replays} replays, seed advanced in-graph, device anchor_offset",
+                    "worst err/limit vs eager ref",
                     f"{worst:.3f}", "<= 1", ok))
     rows.append(Row("cuda graph", "device seed after replays", "seed", str(int(seed)), str(base_seed + replays),
                     seed_advanced))

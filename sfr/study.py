@@ -450,7 +450,9 @@ def run_study(output_dir="sfr-study", settings: StudySettings | None = None, *, 
 
     results = {
         "settings": {**asdict(replace(settings, cells=())), "cells": [asdict(c) for c in settings.cells],
-                     "base": base_settings(settings), "base_dir": str(base_dir), "data_dir": str(data_dir),
+                     "base": base_settings(settings),
+                     # names of the sfr-cache entries, not this machine's paths (results.json is shareable)
+                     "base_cache_entry": Path(base_dir).name, "data_cache_entry": Path(data_dir).name,
                      "device": device_description("cpu"), "torch_threads_per_process": 1},
         "references": {"corpus": {"name": "corpus", **corpus_row}, "base": {"name": "base", **base_row}},
         "runs": runs, "timings": timings}

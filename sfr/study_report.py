@@ -122,6 +122,12 @@ def compute_table(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _versus(cells) -> str:
+    """``SFT vs SFR vs MTP``: the objectives among the cells, in that order."""
+    present = {cell["objective"] for cell in cells}
+    return " vs ".join(name.upper() for name in ("sft", "sfr", "mtp") if name in present)
+
+
 def _run_seconds(runs) -> str:
     """The runs' own recorded time (what the study costs from scratch), and how many this invocation reused."""
     trained = {(run["cell"], run["seed"]): run["timings"]["train_s"] for run in runs}
@@ -169,7 +175,7 @@ def render_report(results: dict) -> str:
                       + (f", sampled at T = {', '.join(f'{t:g}' for t in c['temperatures'])}"
                          if len(c["temperatures"]) > 1 else "") for c in settings["cells"])
     md = [
-        "# sfr study: Cross-Style Collapse, SFT vs SFR vs MTP across training seeds", "",
+        f"# sfr study: Cross-Style Collapse, {_versus(settings['cells'])} across training seeds", "",
         f"Base stage: `sfr-tiny` trained from its random init with plain CE for {base['steps']} steps (batch "
         f"{base['batch_size']}, seed 0) on {base['examples_per_prompt']} un-styled replies per prompt. Fine-tunes "
         f"from it: {settings['steps']} steps, batch {settings['batch_size']}, learning rate "

@@ -300,16 +300,16 @@ def draw_key(seed, anchor_offset, num_samples: int, device: torch.device) -> tor
     """The int64 [2] tensor ``(seed, anchor_offset * M)`` on ``device`` that the kernels read in place:
     the Philox seed and the draw-layout row of this call's first (anchor, sample) row.
 
-    Device tensors are combined on the device (a CUDA graph replays with whatever values they hold
-    then); ints are written by fill kernels, never a host-to-device copy, hence no sync.
+    Tensors already on ``device`` are combined there (a CUDA graph replays with whatever values they
+    hold then). Ints, and CPU tensors (read on the host, which waits for no device work), become device
+    scalars through fill kernels: never a host-to-device copy, hence no sync.
     """
-    key = torch.zeros(2, dtype=torch.int64, device=device)
-    for slot, value, scale in ((0, seed, 1), (1, anchor_offset, num_samples)):
-        if isinstance(value, torch.Tensor):
-            key[slot] = value.to(device) * scale
-        elif value:
-            key[slot] = int(value) * scale
-    return key
+    def slot(value, scale):
+        if isinstance(value, torch.Tensor) and value.device == device:
+            return value * scale if scale != 1 else value
+        return torch.full((), int(value) * scale, dtype=torch.int64, device=device)
+
+    return torch.stack([slot(seed, 1), slot(anchor_offset, num_samples)])
 
 
 def sfr_loss_triton(hidden, target, head, *, anchor_index=None, num_samples=1, source_std=1.0,

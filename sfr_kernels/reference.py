@@ -60,7 +60,9 @@ def sample_offsets(num_anchors: int, num_samples: int, device, anchor_offset=0) 
     ``anchor_offset`` ``o``: an int or a 0-dim int64 tensor (used on ``device``, no host sync)."""
     rows = torch.arange(num_anchors * num_samples, dtype=torch.int64, device=device).view(num_anchors, num_samples)
     if isinstance(anchor_offset, torch.Tensor):
-        return rows + anchor_offset.to(device) * num_samples
+        if anchor_offset.device == rows.device:
+            return rows + anchor_offset * num_samples
+        anchor_offset = int(anchor_offset)  # a CPU tensor: read on the host, no copy to the device
     return rows + anchor_offset * num_samples if anchor_offset else rows
 
 
