@@ -69,6 +69,20 @@ def _require_number(name: str, value, *, minimum: float | None = None, integer: 
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _require_draw_integer(name: str, value, device: torch.device, maximum: int | None = None) -> None:
+    """``value`` is an int >= 0 (at most ``maximum``) or a 0-dim int64 tensor on ``device`` or the CPU
+    (its value is not read here: that would sync with the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype != torch.int64:
+            raise TypeError(f"{name} tensor must be a 0-dim int64 tensor, got {_describe(value)}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} tensor must be on {device} (or the CPU), got {value.device}")
+        return
+    _require_number(name, value, minimum=0, integer=True)
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
 def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_std, time_sampling,
                      seed, noise, time, weight, grad_scale, reduction, backend, time_mean,
                      time_std, anchor_offset=0) -> LossShape:
@@ -136,22 +150,8 @@ def check_sfr_inputs(hidden, target, head, *, anchor_index, num_samples, source_
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
-    if isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype != torch.int64:
-            raise TypeError(f"seed tensor must be a 0-dim int64 tensor, got {_describe(seed)}")
-        if seed.device != device and seed.device.type != "cpu":
-            raise ValueError(f"seed tensor must be on {device} (or the CPU), got {seed.device}")
-    else:
-        _require_number("seed", seed, minimum=0, integer=True)
-        if seed > MAX_SEED:
-            raise ValueError(f"seed must be <= 2**63 - 2, got {seed}")
-    if isinstance(anchor_offset, torch.Tensor):
-        if anchor_offset.dim() != 0 or anchor_offset.dtype != torch.int64:
-            raise TypeError(f"anchor_offset tensor must be a 0-dim int64 tensor, got {_describe(anchor_offset)}")
-        if anchor_offset.device != device and anchor_offset.device.type != "cpu":
-            raise ValueError(f"anchor_offset tensor must be on {device} (or the CPU), got {anchor_offset.device}")
-    else:
-        _require_number("anchor_offset", anchor_offset, minimum=0, integer=True)
+    _require_draw_integer("seed", seed, device, MAX_SEED)
+    _require_draw_integer("anchor_offset", anchor_offset, device)
 
     m = num_samples
     if not isinstance(anchor_offset, torch.Tensor) and (anchor_offset + n) * m * e >= 2**63:
