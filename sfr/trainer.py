@@ -198,9 +198,7 @@ class SFRTrainer(Trainer):
         lam = self.args.lambda_at(step)
         training = model.training
         micro = self._micro_step if training else 0
-        offsets = self._anchor_offsets if training else None
-        if offsets is not None and micro >= offsets.shape[0]:
-            offsets = None  # a micro-batch the step's counts did not see: fall back to a per-rank stream
+        offsets = self._anchor_offsets if training else None  # one slot per micro-batch of the step
         rank = 0 if offsets is not None else self.args.process_index
         seed = device_seed(self.args.seed, step, micro, rank, device=self.args.device)
         extra = {}
